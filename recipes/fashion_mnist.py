@@ -1,0 +1,39 @@
+"""Load real Fashion-MNIST from its IDX files (Debian package ``dataset-fashion-mnist``, or a folder).
+
+``apt-get install dataset-fashion-mnist`` puts the four ``*-idx?-ubyte.gz`` files in
+``/usr/share/datasets/fashion-mnist``; pass another folder with the same files as ``root``.
+Fashion-MNIST is (c) 2017 Zalando SE, MIT licence.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+def _idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load(split: str = "train", root: str | Path = DEFAULT_ROOT) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 ``(N, 28, 28)`` and labels uint8 ``(N,)`` of ``split`` (``train`` or ``test``)."""
+    root = Path(root)
+    prefix = {"train": "train", "test": "t10k"}[split]
+    for suffix in (".gz", ""):
+        images = root / f"{prefix}-images-idx3-ubyte{suffix}"
+        if images.exists():
+            return _idx(images), _idx(root / f"{prefix}-labels-idx1-ubyte{suffix}")
+    raise FileNotFoundError(
+        f"no Fashion-MNIST IDX files in {root}: `apt-get install dataset-fashion-mnist`, or pass the folder"
+    )

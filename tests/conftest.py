@@ -1,0 +1,150 @@
+"""Shared fixtures: tiny synthetic images, webdataset shards and a fitted protection.
+
+Everything here is small (a handful of images of at most 16x16 pixels) so that the whole suite runs
+in seconds on a couple of CPU cores, offline.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import fsspec  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+from ue_datasets import fit_convolution  # noqa: E402
+from ue_datasets.apply.wds import write_samples  # noqa: E402
+
+#: (height, width) of the synthetic images, cycled through.
+SIZES = [(8, 8), (12, 10), (16, 16)]
+NUM_CLASSES = 10
+#: EXIF orientation 6: the stored pixels must be rotated 90 degrees clockwise for display.
+EXIF_ROTATE_270 = 6
+
+
+def random_arrays(n: int, seed: int = 0, sizes=SIZES, channels: int = 3) -> list[np.ndarray]:
+    """``n`` random uint8 images ``(H, W, C)`` (or ``(H, W)`` for one channel) of cycling sizes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        shape = (h, w) if channels == 1 else (h, w, channels)
+        out.append(rng.integers(0, 256, size=shape, dtype=np.uint8))
+    return out
+
+
+def make_dataset(n: int, seed: int = 0, num_classes: int = NUM_CLASSES, sizes=SIZES):
+    """``n`` random RGB PIL images of a few sizes and their labels (deterministic in ``seed``)."""
+    rng = np.random.default_rng(seed + 1000)
+    images = [Image.fromarray(a, "RGB") for a in random_arrays(n, seed, sizes)]
+    labels = [int(v) for v in rng.integers(0, num_classes, size=n)]
+    return images, labels
+
+
+def encode(img: Image.Image, fmt: str = "PNG", exif_orientation: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    kwargs = {}
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif.tobytes()
+    if fmt == "JPEG":
+        kwargs["quality"] = 90
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def to_chw(img: Image.Image) -> torch.Tensor:
+    """uint8 ``(C, H, W)`` of a PIL image, computed independently of the package."""
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def decode_display(data: bytes) -> Image.Image:
+    """Decode encoded bytes as they display: EXIF orientation applied."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return ImageOps.exif_transpose(img)
+
+
+def png_pixels(data: bytes) -> torch.Tensor:
+    """uint8 ``(C, H, W)`` of PNG bytes."""
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG"
+    return to_chw(img)
+
+
+def make_samples(n: int, seed: int = 0, prefix: str = "s", fmt: str = "jpg", exif_index: int | None = 1):
+    """Raw webdataset samples ``{"__key__", jpg|png, "cls", "json", "txt"}`` with random images.
+
+    The sample at ``exif_index`` (if any, and if ``fmt == "jpg"``) carries an EXIF orientation tag.
+    """
+    images, labels = make_dataset(n, seed)
+    samples = []
+    for i, (img, label) in enumerate(zip(images, labels)):
+        key = f"{prefix}{seed:03d}_{i:05d}"
+        if fmt == "jpg":
+            data = encode(img, "JPEG", EXIF_ROTATE_270 if i == exif_index else None)
+        else:
+            data = encode(img, "PNG")
+        samples.append({
+            "__key__": key,
+            fmt: data,
+            "cls": str(label).encode(),
+            "json": json.dumps({"index": i, "seed": seed, "caption": f"picture {i}"}).encode(),
+            "txt": f"a random picture, number {i}\n".encode(),
+        })
+    return samples
+
+
+def write_shard(url: str, samples) -> str:
+    """Write ``samples`` as a tar shard at ``url`` (a path or an fsspec URL) with the package's writer."""
+    with fsspec.open(str(url), "wb") as f:
+        write_samples(f, samples)
+    return str(url)
+
+
+def read_tar(url: str) -> list[dict]:
+    """The samples of a tar shard, grouped by key, in order, with a list of member names in order."""
+    import tarfile
+
+    with fsspec.open(str(url), "rb") as f:
+        data = f.read()
+    samples: list[dict] = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for m in tar:
+            base = m.name
+            key, ext = base.split(".", 1)
+            if not samples or samples[-1]["__key__"] != key:
+                samples.append({"__key__": key})
+            samples[-1][ext] = tar.extractfile(m).read()
+    return samples
+
+
+@pytest.fixture(scope="session")
+def protection():
+    """CUDA (convolution) protection, 10 classes, key 0: the paper's defaults."""
+    return fit_convolution(NUM_CLASSES, key=0)
+
+
+@pytest.fixture(scope="session")
+def other_protection():
+    """A different protection (another key) for mismatch tests."""
+    return fit_convolution(NUM_CLASSES, key=1)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Three local shards of 5 jpg samples each (one sample per shard has an EXIF rotation)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    return [write_shard(str(d / f"shard-{i:02d}.tar"), make_samples(5, seed=i)) for i in range(3)]

@@ -1,0 +1,224 @@
+"""Hugging Face ``datasets`` adapter: a batched ``map`` function and `protect_dataset`.
+
+`ProtectMap` is the function to chain into a preprocessing pipeline::
+
+    fn = ProtectMap(protection, image_column="image", label_column="label")
+    ds = ds.map(fn, batched=True, with_indices=True, with_rank=True, features=ds.features,
+                new_fingerprint=fn.fingerprint(ds._fingerprint))
+
+`protect_dataset` does exactly that for a `Dataset`, `IterableDataset` (streaming) or a dict of splits.
+Images come back as new lossless PNG bytes (``{"bytes": ..., "path": None}``), so the ``Image`` feature
+is kept and the output never points at the original, unprotected file.
+
+Multi-GPU: with ``num_proc=N`` and ``with_rank=True`` each worker computes on ``cuda:{rank % count}``;
+CUDA must not be initialised in the parent, and the start method must be ``spawn``
+(``multiprocess.set_start_method("spawn")`` under ``if __name__ == "__main__":``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from ..artifact import Protection, load_protection
+from ..errors import SampleError, UEDatasetsError
+from ..version import __version__
+from .core import needs_labels
+from .encoded import Item, protect_encoded
+from .images import PNG_LEVEL
+
+
+class ProtectMap:
+    """A picklable, batched ``datasets.map`` function that protects an image column.
+
+    Args:
+        protection: a `Protection`, or the directory of a saved artifact (loaded lazily in each
+            worker, so only the path is pickled).
+        image_column: column of images (``Image`` feature: PIL images or ``{"bytes", "path"}`` dicts).
+        label_column: column of class ids, for methods that need labels.
+        key_column: column of stable sample keys (used by partial protections); by default
+            ``__key__`` when present, else the row index (pass ``with_indices=True``).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``; with a ``rank`` and several
+            GPUs, ``cuda:{rank % count}``.
+        on_error: ``"fail"`` raises `SampleError` naming the row; ``"skip"`` drops the row, warns and
+            records it in `skipped` (of this process; pass your own list to collect them).
+        png_level: zlib level of the written PNGs (lossless at any level).
+        as_bytes: return raw PNG bytes instead of ``{"bytes", "path": None}`` (for binary columns).
+        source: name used in error messages.
+
+    Call: ``fn(batch: dict[str, list], indices: list[int] | None = None, rank: int | None = None)``.
+    """
+
+    def __init__(
+        self,
+        protection: Protection | str | os.PathLike,
+        image_column: str = "image",
+        label_column: str = "label",
+        key_column: str | None = None,
+        device: str = "auto",
+        on_error: str = "fail",
+        png_level: int = PNG_LEVEL,
+        as_bytes: bool = False,
+        source: str = "dataset",
+        skipped: list[dict[str, str]] | None = None,
+    ):
+        if on_error not in ("fail", "skip"):
+            raise UEDatasetsError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        if isinstance(protection, Protection):
+            self._protection: Protection | None = protection
+            self.path = None
+            self.digest = protection.digest
+        else:
+            self._protection, self.path = None, str(protection)
+            self.digest = load_protection(self.path).digest
+        self.image_column, self.label_column, self.key_column = image_column, label_column, key_column
+        self.device, self.on_error, self.png_level = device, on_error, png_level
+        self.as_bytes, self.source = as_bytes, source
+        self.skipped: list[dict[str, str]] = [] if skipped is None else skipped
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["skipped"] = []
+        if self.path is not None:
+            state["_protection"] = None  # workers load it themselves
+        return state
+
+    @property
+    def protection(self) -> Protection:
+        if self._protection is None:
+            self._protection = load_protection(self.path)  # type: ignore[arg-type]
+            if self._protection.digest != self.digest:
+                raise UEDatasetsError(f"{self.path}: the artifact changed since this map function was made")
+        return self._protection
+
+    def fingerprint(self, previous: str | None = None) -> str:
+        """A deterministic ``new_fingerprint``: package version, protection digest, options, input."""
+        spec = json.dumps(
+            [__version__, self.digest, self.image_column, self.label_column, self.key_column, self.on_error,
+             self.png_level, self.as_bytes, previous],
+            sort_keys=True,
+        )
+        return "ue-" + hashlib.sha256(spec.encode()).hexdigest()[:32]
+
+    def _device(self, rank: int | None) -> str:
+        if rank is not None and self.device in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{rank % torch.cuda.device_count()}"
+        return self.device
+
+    def _keys(self, batch: dict[str, list], indices: list[int] | None, n: int) -> list[str]:
+        column = self.key_column or ("__key__" if "__key__" in batch else None)
+        if column is not None:
+            if column not in batch:
+                raise UEDatasetsError(f"key column {column!r} not in the dataset (columns: {sorted(batch)})")
+            return [str(k) for k in batch[column]]
+        if indices is None:
+            if self.protection.params.get("fraction", 1.0) < 1.0:
+                raise UEDatasetsError("a partial protection needs sample keys: pass with_indices=True or key_column")
+            return [str(i) for i in range(n)]
+        return [str(i) for i in indices]
+
+    def _image(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            if value.get("bytes") is not None:
+                return value["bytes"]
+            if value.get("path"):
+                import fsspec
+
+                with fsspec.open(value["path"], "rb") as f:
+                    return f.read()
+            return None
+        return value
+
+    def __call__(self, batch: dict[str, list], indices: list[int] | None = None, rank: int | None = None) -> dict:
+        protection = self.protection
+        if self.image_column not in batch:
+            raise UEDatasetsError(f"image column {self.image_column!r} not in the dataset (columns: {sorted(batch)})")
+        images = batch[self.image_column]
+        n = len(images)
+        labelled = needs_labels(protection)
+        if labelled and self.label_column not in batch:
+            raise UEDatasetsError(f"label column {self.label_column!r} not in the dataset (columns: {sorted(batch)})")
+        keys = self._keys(batch, indices, n)
+        labels = batch[self.label_column] if labelled else [None] * n
+        items = [Item(keys[i], self._image(images[i]), labels[i]) for i in range(n)]
+        results = protect_encoded(protection, items, self.source, self._device(rank), self.png_level)
+        keep = []
+        for i, r in enumerate(results):
+            if isinstance(r, SampleError):
+                if self.on_error == "fail":
+                    raise r
+                warnings.warn(f"skipped {r}")
+                self.skipped.append({"key": r.key, "reason": r.reason})
+            else:
+                keep.append(i)
+        out = {col: [values[i] for i in keep] for col, values in batch.items()} if len(keep) < n else dict(batch)
+        out[self.image_column] = [results[i] if self.as_bytes else {"bytes": results[i], "path": None} for i in keep]
+        return out
+
+
+def _is_image_feature(features: Any, column: str) -> bool:
+    import datasets
+
+    return features is None or isinstance(features.get(column), datasets.Image)
+
+
+def protect_dataset(
+    dataset: Any,
+    protection: Protection | str | os.PathLike,
+    image_column: str = "image",
+    label_column: str = "label",
+    key_column: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    num_proc: int | None = None,
+    on_error: str = "fail",
+    png_level: int = PNG_LEVEL,
+    writer_batch_size: int = 100,
+    source: str = "dataset",
+    skipped: list[dict[str, str]] | None = None,
+    **map_kwargs: Any,
+) -> Any:
+    """Protect the image column of a ``datasets`` dataset (map-style, streaming, or a dict of splits).
+
+    Keeps ``features`` (``Image``, ``ClassLabel``), uses the row index as sample key unless a key
+    column is given, and sets a deterministic ``new_fingerprint`` so caches are reused exactly when
+    the input, the protection, the options and the package version are the same.
+
+    With ``on_error="skip"`` bad rows are dropped and, when the map runs in this process, appended
+    to ``skipped`` as ``{"key", "reason"}``.
+
+    Returns:
+        A dataset of the same kind with protected images (lazy for an ``IterableDataset``).
+    """
+    import datasets
+
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return type(dataset)({
+            split: protect_dataset(d, protection, image_column, label_column, key_column, batch_size, device,
+                                   num_proc, on_error, png_level, writer_batch_size, f"{source}[{split}]", skipped,
+                                   **map_kwargs)
+            for split, d in dataset.items()
+        })
+    features = dataset.features
+    fn = ProtectMap(protection, image_column, label_column, key_column, device, on_error, png_level,
+                    as_bytes=not _is_image_feature(features, image_column), source=source, skipped=skipped)
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.map(fn, batched=True, batch_size=batch_size, with_indices=True, features=features, **map_kwargs)
+    return dataset.map(
+        fn,
+        batched=True,
+        batch_size=batch_size,
+        with_indices=True,
+        with_rank=True,
+        features=features,
+        num_proc=num_proc,
+        writer_batch_size=writer_batch_size,
+        new_fingerprint=fn.fingerprint(dataset._fingerprint),
+        desc="protect",
+        **map_kwargs,
+    )

@@ -1,0 +1,173 @@
+"""The protection artifact: what `fit` produces and `apply` consumes.
+
+On disk a protection is a directory with two files, loaded without pickle:
+
+* ``tensors.safetensors``: the secret material (filters, noise, centers...), float32/uint8 tensors.
+* ``manifest.json``: format name and version, package version, method, its public parameters,
+  the name, dtype and shape of each tensor, and a sha256 digest over method, parameters and tensors.
+
+The artifact is the protector's secret: whoever holds it can regenerate the protection. What travels
+with protected data (shards, stats files, dataset fingerprints) names it only by its digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ArtifactError
+from .version import ARTIFACT_FORMAT, __version__
+
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+FORMAT_NAME = "ue-datasets-protection"
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+@dataclass(frozen=True, eq=False)
+class Protection:
+    """A fitted protection: method name, public parameters and secret tensors.
+
+    Args:
+        method: registered method name, e.g. ``"convolution"`` (the CUDA paper's method).
+        params: JSON-serialisable public parameters (no key, no secret).
+        tensors: the secret tensors, on any device; saved as contiguous CPU tensors.
+    """
+
+    method: str
+    params: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+
+    @cached_property
+    def digest(self) -> str:
+        """``sha256:<hex>`` over method, parameters and every tensor's name, dtype, shape and bytes."""
+        h = hashlib.sha256()
+        h.update(_canonical_json({"method": self.method, "params": self.params}).encode())
+        for name in sorted(self.tensors):
+            t = self.tensors[name].detach().to("cpu").contiguous()
+            h.update(_canonical_json([name, str(t.dtype), list(t.shape)]).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return "sha256:" + h.hexdigest()
+
+    @property
+    def short_digest(self) -> str:
+        """The first 12 hex digits of the digest, for file names and log lines."""
+        return self.digest.split(":", 1)[1][:12]
+
+    def manifest(self) -> dict[str, Any]:
+        """The public manifest: everything but the tensors' values."""
+        return {
+            "format": FORMAT_NAME,
+            "format_version": ARTIFACT_FORMAT,
+            "ue_datasets_version": __version__,
+            "method": self.method,
+            "params": self.params,
+            "tensors": {
+                n: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                for n, t in sorted(self.tensors.items())
+            },
+            "digest": self.digest,
+        }
+
+    def to(self, device: torch.device | str) -> Protection:
+        """The protection with its tensors on ``device`` (same digest); copies are cached per device."""
+        device = torch.device(device)
+        if all(t.device == device for t in self.tensors.values()):
+            return self
+        cache = self.__dict__.setdefault("_device_copies", {})
+        if device not in cache:
+            cache[device] = Protection(self.method, self.params, {n: t.to(device) for n, t in self.tensors.items()})
+        return cache[device]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"method": self.method, "params": self.params, "tensors": self.tensors}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the artifact to ``directory`` atomically (a temporary sibling, then a rename)."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise ArtifactError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        try:
+            save_file({n: t.detach().to("cpu").contiguous() for n, t in self.tensors.items()}, tmp / TENSORS)
+            (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=2, sort_keys=True) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and check an artifact's manifest without loading its tensors."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory}: not a protection artifact (no {MANIFEST})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{path}: not a ue-datasets protection manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise ArtifactError(f"{path}: manifest has no integer format_version")
+    if version > ARTIFACT_FORMAT:
+        raise ArtifactError(
+            f"{path}: artifact format {version} is newer than this ue-datasets {__version__} reads "
+            f"(format {ARTIFACT_FORMAT}); upgrade ue-datasets"
+        )
+    for key in ("method", "params", "tensors", "digest"):
+        if key not in manifest:
+            raise ArtifactError(f"{path}: manifest lacks {key!r}")
+    return manifest
+
+
+def load_protection(directory: str | os.PathLike, device: torch.device | str = "cpu") -> Protection:
+    """Load an artifact saved with `Protection.save`, verifying its digest.
+
+    Raises:
+        ArtifactError: missing files, a truncated tensor file, tensors that differ from the manifest,
+            a digest mismatch (tampering), or a format newer than this version reads.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(directory)
+    path = Path(directory) / TENSORS
+    try:
+        tensors = load_file(path, device="cpu")
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory}: missing {TENSORS}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable or truncated tensor file ({e})") from None
+    protection = Protection(manifest["method"], manifest["params"], tensors)
+    declared = manifest["tensors"]
+    actual = protection.manifest()["tensors"]
+    if declared != actual:
+        raise ArtifactError(f"{path}: tensors do not match the manifest (expected {declared}, found {actual})")
+    if protection.digest != manifest["digest"]:
+        raise ArtifactError(
+            f"{directory}: digest mismatch: the manifest says {manifest['digest']}, the content hashes to "
+            f"{protection.digest}; the artifact was modified or corrupted"
+        )
+    return protection.to(device) if torch.device(device).type != "cpu" else protection

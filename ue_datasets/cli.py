@@ -1,0 +1,211 @@
+"""The ``ue-datasets`` command line: fit, protect, inspect, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from .errors import UEDatasetsError
+from .version import __version__
+
+EPILOG = """\
+The flow: `fit` computes a protection and saves it as an artifact directory (keep it secret: it can
+regenerate the protection); `protect` applies it to a dataset; `inspect` shows what an artifact is.
+Try `ue-datasets demo` first: it protects a small real sample shipped with the package.
+"""
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="ue-datasets",
+        description="Make image datasets unlearnable: fit a protection, then apply it to shards and datasets.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ue-datasets {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = sub.add_parser("fit", help="compute a protection and save it as an artifact directory",
+                         description="Compute a protection and save it as an artifact directory.")
+    methods = fit.add_subparsers(dest="method", required=True, metavar="METHOD")
+    cuda = methods.add_parser(
+        "cuda",
+        formatter_class=fmt,
+        help="CUDA: class-wise convolution filters from a private key (Sadasivan et al., CVPR 2023)",
+        description=(
+            "CUDA (Convolution-based Unlearnable DAtaset): every image is convolved with its class's k x k "
+            "filter (entries U(0, blur), one entry 1) and divided by its maximum. The key reproduces the "
+            "official code's filters (numpy seed). Needs labels at protect time. Not bounded in L-inf: "
+            "images get visibly blurred, more so with larger --blur and --kernel-size."
+        ),
+    )
+    cuda.add_argument("--num-classes", type=_positive, required=True, help="number of classes; labels are 0..N-1")
+    cuda.add_argument("--key", type=int, required=True, help="private integer key in [0, 2**32) (numpy seed)")
+    cuda.add_argument("--kernel-size", type=int, default=3, help="odd filter size k (paper: 3 CIFAR, 9 ImageNet-100)")
+    cuda.add_argument("--blur", type=float, default=0.3, help="p_b, bound of the filter entries (paper: 0.3 CIFAR, 0.06 ImageNet)")
+    cuda.add_argument("--universal", action="store_true", help="one filter for every class (the paper's ablation)")
+    cuda.add_argument("--grayscale", action="store_true", help="set every channel to the channel mean after filtering")
+    cuda.add_argument("--fraction", type=_fraction, default=1.0,
+                      help="share of samples protected, chosen from the key and each sample's key")
+    cuda.add_argument("--quantize", choices=("truncate", "round"), default="truncate",
+                      help="float to uint8: truncate as the official code, or round half up")
+    cuda.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    cuda.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+
+    protect = sub.add_parser(
+        "protect",
+        formatter_class=fmt,
+        help="apply a protection to webdataset shards, a save_to_disk dataset or parquet files",
+        description=(
+            "Apply a protection. SRC is webdataset shards (a .tar path or URL, a brace pattern such as "
+            "'data/train-{000..009}.tar', a glob or a folder), a save_to_disk dataset directory, or parquet "
+            "files; DST takes the same form (a folder of shards or parquet files with the same names, or a "
+            "dataset directory). Images are written as lossless PNG; every other field is kept byte for "
+            "byte. Each output file is written under a temporary name and renamed when complete, with a "
+            "NAME_stats.json beside it; rerunning skips completed files."
+        ),
+    )
+    protect.add_argument("--protection", required=True, help="artifact directory made by `ue-datasets fit`")
+    protect.add_argument("--input", required=True, metavar="SRC", help="shards, dataset directory or parquet files")
+    protect.add_argument("--output", required=True, metavar="DST", help="where to write, in the same form as SRC")
+    protect.add_argument("--label-field", default=None,
+                         help="field/column with the class id (default: 'cls' for shards, 'label' for datasets and parquet)")
+    protect.add_argument("--image-field", default=None,
+                         help="field/column with the image (default: first image extension of a shard sample; 'image')")
+    protect.add_argument("--key-field", default=None,
+                         help="column of stable sample keys for datasets and parquet (default: row index); shards use __key__")
+    protect.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    protect.add_argument("--workers", type=_positive, default=1, help="processes, each protecting whole shards/files")
+    protect.add_argument("--batch-size", type=_positive, default=64, help="images per batch of the tensor core")
+    protect.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                         help="on a bad sample: stop with an error, or leave it out and record it in the stats")
+    protect.add_argument("--png-level", type=int, choices=range(0, 10), default=1, metavar="0-9",
+                         help="PNG compression level (lossless at any level; 1 is fastest)")
+    protect.add_argument("--overwrite", action="store_true", help="redo outputs completed earlier")
+    protect.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    inspect = sub.add_parser("inspect", formatter_class=fmt, help="print an artifact's manifest (never its secret)",
+                             description="Print an artifact's manifest: method, parameters, versions, digest. "
+                                         "The secret tensors are not printed; the key is not stored.")
+    inspect.add_argument("artifact", metavar="DIR", help="artifact directory")
+    inspect.add_argument("--verify", action="store_true", help="also load the tensors and check the digest")
+
+    demo = sub.add_parser("demo", formatter_class=fmt, help="protect a small real sample shipped with the package",
+                          description="Fit CUDA on 10 classes with the public demo key, protect 300 embedded "
+                                      "Fashion-MNIST images (one webdataset shard), and write the protected shard "
+                                      "and a before/after image grid.")
+    demo.add_argument("-o", "--output", default="ue-datasets-demo", help="folder to write into")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from .fit import fit_convolution
+
+    protection = fit_convolution(
+        args.num_classes, args.key, kernel_size=args.kernel_size, blur=args.blur, universal=args.universal,
+        grayscale=args.grayscale, fraction=args.fraction, quantize=args.quantize,
+    )
+    out = protection.save(args.output, overwrite=args.overwrite)
+    print(f"fitted cuda ({protection.method}): {args.num_classes} classes, k={args.kernel_size}, blur={args.blur} "
+          f"-> {out} ({protection.digest})")
+    print("keep this directory and the key secret: they regenerate the protection")
+    return 0
+
+
+def _summary(stats: list[dict[str, Any]]) -> dict[str, int]:
+    return {
+        "files": len(stats),
+        "resumed": sum(bool(s.get("resumed")) for s in stats),
+        "samples": sum(s["samples"] for s in stats),
+        "written": sum(s["written"] for s in stats),
+        "protected": sum(s["protected"] for s in stats),
+        "skipped": sum(len(s["skipped"]) for s in stats),
+    }
+
+
+def _protect(args: argparse.Namespace) -> int:
+    from .apply.shards import ShardOptions
+    from .apply.sources import protect_source, resolve
+    from .artifact import load_protection
+
+    protection = load_protection(args.protection)
+    kind = resolve(args.input).kind
+    options = ShardOptions(
+        label_field=args.label_field or ("cls" if kind == "wds" else "label"),
+        image_field=args.image_field,
+        key_field=args.key_field,
+        batch_size=args.batch_size,
+        device=args.device,
+        on_error=args.on_error,
+        png_level=args.png_level,
+    )
+    start = time.perf_counter()
+    source, stats = protect_source(protection, args.input, args.output, options, args.workers, args.overwrite,
+                                   progress=not args.no_progress)
+    s = _summary(stats)
+    resumed = f", {s['resumed']} already done" if s["resumed"] else ""
+    print(f"protected {s['written']} of {s['samples']} samples ({s['protected']} changed, {s['skipped']} skipped) "
+          f"in {s['files']} {source.kind} file(s){resumed} -> {args.output} [{time.perf_counter() - start:.1f} s]")
+    if s["skipped"]:
+        print("skipped samples are listed with their reasons in the *_stats.json files", file=sys.stderr)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .artifact import load_protection, read_manifest
+
+    manifest = load_protection(args.artifact).manifest() if args.verify else read_manifest(args.artifact)
+    print(json.dumps(manifest, indent=2, sort_keys=True))
+    if args.verify:
+        print("digest verified", file=sys.stderr)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.output, progress=not args.no_progress)
+    st = result["shard_stats"]
+    print(f"protected {st['protected']} of {st['samples']} Fashion-MNIST images with CUDA (demo key 0)")
+    print(f"  protection artifact: {result['protection']}")
+    print(f"  protected shard:     {result['shard']}")
+    print(f"  shard stats:         {result['stats']}")
+    print(f"  before/after grid:   {result['grid']}")
+    print("next: `ue-datasets protect --protection DIR --input YOUR_SHARDS --output OUT` with your own key")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"fit": _fit, "protect": _protect, "inspect": _inspect, "demo": _demo}[args.command]
+    try:
+        return handler(args)
+    except UEDatasetsError as e:
+        print(f"ue-datasets: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ue-datasets: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Stage 1, fit: compute a protection from data or a key. Each function returns a `Protection`."""
+
+from .convolution import fit_convolution
+
+__all__ = ["fit_convolution"]
