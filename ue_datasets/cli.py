@@ -32,8 +32,17 @@ def _positive(text: str) -> int:
     return value
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or action.default in (None, False, argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _Formatter
     parser = argparse.ArgumentParser(
         prog="ue-datasets",
         description="Make image datasets unlearnable: fit a protection, then apply it to shards and datasets.",
