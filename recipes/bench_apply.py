@@ -164,7 +164,7 @@ def summary(times: list[float], n: int) -> dict:
 
 
 def spread(values: list[float]) -> str:
-    return f"[{min(values):.2f}..{max(values):.2f}]"
+    return f"[{min(values):.3g}..{max(values):.3g}]"
 
 
 # --------------------------------------------------------------------------- measurement 1: shards
@@ -275,7 +275,7 @@ def print_shards(r: dict) -> None:
     for name in ("protect", "floor"):
         s = r[name]
         print(f"    {name + (' (CUDA)' if name == 'protect' else ' (identity)'):18s} "
-              f"{s['median_s']:8.3f} s  {s['images_per_s']:9.1f} img/s   runs {spread(s['seconds'])} s")
+              f"{s['median_s']:9.4f} s  {s['images_per_s']:9.1f} img/s   runs {spread(s['seconds'])} s")
     print(f"    protect / floor    {r['ratio_protect_over_floor']:8.2f}x  (target <= {r['target_max']}: "
           f"{mark(r['meets_target'])})   paired ratios {spread(r['ratios'])}")
 
@@ -286,7 +286,7 @@ def print_batch(r: dict) -> None:
           "(results equal byte for byte)")
     for name, title in (("batch_call", "protect_batch"), ("loop_tensor", "loop, CHW tensor"), ("loop_pil", "loop, PIL")):
         s = r[name]
-        print(f"    {title:18s} {s['median_s']:8.3f} s  {s['images_per_s']:9.1f} img/s   runs {spread(s['seconds'])} s")
+        print(f"    {title:18s} {s['median_s']:9.4f} s  {s['images_per_s']:9.1f} img/s   runs {spread(s['seconds'])} s")
     print(f"    speed-up vs tensor loop {r['speedup_vs_loop_tensor']:7.2f}x  (target >= {r['target_min']:g}: "
           f"{mark(r['meets_target'])})   paired {spread(r['speedups_tensor'])}")
     print(f"    speed-up vs PIL loop    {r['speedup_vs_loop_pil']:7.2f}x   paired {spread(r['speedups_pil'])}")
@@ -318,6 +318,7 @@ def main() -> None:
     print(f"  repeats      {repeats} timed (+1 warm-up), interleaved; medians, ratios = median of paired ratios")
 
     gray, labels = load("test", args.root)
+    labels = labels.astype(np.int64)  # a writable copy (the loader's arrays are read-only views)
     protection = fit_convolution(10, key=0)
     print(f"  protection   {protection.method} {protection.short_digest} "
           f"(fit_convolution(10, key=0): kernel {protection.params['kernel_size']}, blur {protection.params['blur']})")
