@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -80,10 +78,13 @@ def _mixed(n: int, seed: int = 0):
     return images, labels
 
 
-def test_mixed_sizes_in_one_call_equal_one_image_at_a_time(protection):
+def test_mixed_sizes_in_one_call_equal_one_image_at_a_time_and_any_batching(protection):
     images, labels = _mixed(37)
     together = protect_batch(protection, images, labels=labels)
     assert [t.shape for t in together] == [t.shape for t in images]
+    for bs in (1, 5, 16):
+        chunked = [o for s in range(0, 37, bs) for o in protect_batch(protection, images[s : s + bs], labels[s : s + bs])]
+        assert all(torch.equal(a, b) for a, b in zip(chunked, together)) and len(chunked) == 37
     for img, y, out in zip(images, labels, together):
         alone = protect_batch(protection, [img], labels=[y])[0]
         assert torch.equal(alone, out)
@@ -252,7 +253,7 @@ def test_decode_applies_exif_orientation():
     assert np.array_equal(np.asarray(out), np.asarray(decode_display(data)))
 
 
-@pytest.mark.parametrize("data", [b"", b"definitely not an image", None])
+@pytest.mark.parametrize("data", [b"", b"definitely not an image", None], ids=["empty", "garbage", "truncated_png"])
 def test_undecodable_bytes_raise_image_format_error(data):
     if data is None:
         full = encode(make_dataset(1)[0][0], "PNG")

@@ -356,8 +356,6 @@ def test_truncated_shard_with_skip_writes_the_samples_before_the_cut_and_records
     assert repr(keys[-1]) in stats["skipped"][0]["reason"]
 
 
-@pytest.mark.xfail(strict=True, reason="package bug: read_samples reads the next member's data before yielding "
-                   "the previous, complete sample, so a cut inside sample N's data also drops sample N-1")
 def test_truncated_shard_with_skip_keeps_every_complete_sample_before_the_cut(protection, tmp_path):
     url, samples = _truncated(tmp_path, cut_in_sample=2)
     protect(protection, [url], tmp_path / "out", on_error="skip")
@@ -365,8 +363,6 @@ def test_truncated_shard_with_skip_keeps_every_complete_sample_before_the_cut(pr
     assert keys == [s["__key__"] for s in samples[:2]]
 
 
-@pytest.mark.xfail(strict=True, reason="package bug: a tar cut at a member boundary (or inside a member header) "
-                   "is read as a complete, shorter shard: samples are dropped silently under on_error='fail'")
 def test_tar_cut_between_two_samples_is_reported_as_truncated(protection, tmp_path):
     import tarfile
 

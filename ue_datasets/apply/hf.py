@@ -208,7 +208,9 @@ def protect_dataset(
     fn = ProtectMap(protection, image_column, label_column, key_column, device, on_error, png_level,
                     as_bytes=not _is_image_feature(features, image_column), source=source, skipped=skipped)
     if isinstance(dataset, datasets.IterableDataset):
-        return dataset.map(fn, batched=True, batch_size=batch_size, with_indices=True, features=features, **map_kwargs)
+        # IterableDataset.map(features=...) takes the output as already decoded; cast decodes the PNGs.
+        mapped = dataset.map(fn, batched=True, batch_size=batch_size, with_indices=True, **map_kwargs)
+        return mapped if features is None else mapped.cast(features)
     return dataset.map(
         fn,
         batched=True,

@@ -45,17 +45,41 @@ def split_name(name: str) -> tuple[str, str] | None:
     return posixpath.join(directory, stem), ext
 
 
+def _end_tracking_tarinfo() -> tuple[type[tarfile.TarInfo], dict[str, str]]:
+    """A TarInfo class that records why header reading stopped.
+
+    Stream-mode ``tarfile`` ends quietly at a missing or partial header; only a zero block
+    (``EOFHeaderError``) is the real end-of-archive marker, anything else means a cut or corrupt tar.
+    """
+    state = {"end": ""}
+
+    class _TarInfo(tarfile.TarInfo):
+        @classmethod
+        def frombuf(cls, buf, encoding, errors):  # type: ignore[override]
+            try:
+                return super().frombuf(buf, encoding, errors)
+            except tarfile.HeaderError as e:
+                state["end"] = type(e).__name__
+                raise
+
+    return _TarInfo, state
+
+
 def read_samples(fileobj: Any, source: str) -> Iterator[dict[str, Any]]:
     """Group a tar stream's regular files into samples ``{"__key__", "__url__", ext: bytes}``.
 
+    Each sample is yielded as soon as the next key's header is read, so a cut never costs a sample
+    that was complete before it.
+
     Raises:
-        SourceError: the tar is unreadable or truncated (the message names the last complete sample),
-            or a file name has no extension.
+        SourceError: the tar is unreadable, cut or corrupt (the message names the last complete
+            sample), or a file name has no extension.
     """
     current: dict[str, Any] | None = None
     last_key = None
+    tarinfo, state = _end_tracking_tarinfo()
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=tarinfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -63,20 +87,22 @@ def read_samples(fileobj: Any, source: str) -> Iterator[dict[str, Any]]:
                 if parts is None:
                     raise SourceError(source, f"tar member {member.name!r} has no extension, so no sample key")
                 key, ext = parts
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                if len(data) != member.size:
-                    raise tarfile.ReadError("unexpected end of data")
                 if current is not None and current["__key__"] != key:
                     yield current
                     last_key, current = current["__key__"], None
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                if len(data) != member.size:
+                    raise tarfile.ReadError("unexpected end of data")
                 if current is None:
                     current = {"__key__": key, "__url__": source}
                 elif ext in current:
                     raise SourceError(source, f"sample {key!r}: duplicate field {ext!r}")
                 current[ext] = data
+        if state["end"] != "EOFHeaderError":
+            raise tarfile.ReadError(f"no end-of-archive marker ({state['end'] or 'stream ended'})")
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        where = f"after sample {last_key!r}" if last_key is not None else "before the first sample"
-        raise SourceError(source, f"truncated or unreadable tar {where} ({type(e).__name__}: {e})") from None
+        where = f"after sample {last_key!r}" if last_key is not None else "before the first complete sample"
+        raise SourceError(source, f"truncated or corrupt tar {where} ({type(e).__name__}: {e})") from None
     if current is not None:
         yield current
 

@@ -13,6 +13,7 @@ vectors of the paper's code. ``universal=True`` uses class 0's filter for every 
 from __future__ import annotations
 
 import hashlib
+import numbers
 
 import numpy as np
 import torch
@@ -73,6 +74,9 @@ def fit_convolution(
         A `Protection` with tensors ``filters`` (float32 ``(num_classes, k, k)``) and
         ``fraction_salt`` (uint8 ``(32,)``); the key itself is not stored.
     """
+    for name, value in (("num_classes", num_classes), ("key", key), ("kernel_size", kernel_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise UEDatasetsError(f"{name} must be an integer, got {value!r}")
     if num_classes < 1:
         raise UEDatasetsError(f"num_classes must be >= 1, got {num_classes}")
     if not 0 <= key < 2**32:
