@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 
 from ..artifact import Protection
 from ..errors import SampleError, SourceError, UEDatasetsError
-from .core import needs_keys, needs_labels, selected
+from .core import needs_labels
 from .encoded import Item, protect_encoded
-from .shards import ShardOptions, ShardStats, atomic_write, run, write_stats
+from .shards import ShardOptions, ShardStats, atomic_write, check_not_empty, finish, run
 
 
 def _image_value(value: Any) -> Any:
@@ -98,17 +98,10 @@ def protect_parquet_file(
                 keys_seen.extend(keys[i] for i in keep)
                 if progress is not None:
                     progress(n)
-        if stats.samples == 0:
-            if options.on_error == "fail":
-                raise SourceError(in_url, "empty file: no rows")
-            stats.skip("", "empty file: no rows")
+        check_not_empty(stats, options, "empty file: no rows")
 
     atomic_write(out_url, write)
-    stats.written = len(keys_seen)
-    stats.protected = int(selected(protection, keys_seen).sum()) if needs_keys(protection) else len(keys_seen)
-    stats.seconds = round(time.perf_counter() - start, 4)
-    write_stats(stats)
-    return stats
+    return finish(stats, protection, keys_seen, start)
 
 
 def protect_parquet(

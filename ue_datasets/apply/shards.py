@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import posixpath
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -21,8 +22,9 @@ import fsspec
 import torch
 
 from ..artifact import Protection
-from ..errors import UEDatasetsError
+from ..errors import SourceError, UEDatasetsError
 from ..version import __version__
+from .core import needs_keys, selected
 from .images import PNG_LEVEL
 
 ON_ERROR = ("fail", "skip")
@@ -119,9 +121,22 @@ def atomic_write(url: str, write: Callable[[Any], Any]) -> Any:
     return result
 
 
-def write_stats(stats: ShardStats) -> None:
+def check_not_empty(stats: ShardStats, options: ShardOptions, reason: str) -> None:
+    """A file that yielded no sample fails, or with ``on_error="skip"`` is recorded as skipped."""
+    if stats.samples == 0 and not stats.skipped:
+        if options.on_error == "fail":
+            raise SourceError(stats.input, reason)
+        stats.skip("", reason)
+
+
+def finish(stats: ShardStats, protection: Protection, written_keys: Sequence[str], start: float) -> ShardStats:
+    """Count what was written and protected, then write the stats file: the mark that the file is done."""
+    stats.written = len(written_keys)
+    stats.protected = int(selected(protection, written_keys).sum()) if needs_keys(protection) else len(written_keys)
+    stats.seconds = round(time.perf_counter() - start, 4)
     payload = (json.dumps(asdict(stats), indent=2) + "\n").encode()
     atomic_write(stats_url(stats.output), lambda f: f.write(payload))
+    return stats
 
 
 def read_stats(out_url: str) -> dict[str, Any] | None:

@@ -25,10 +25,10 @@ import fsspec
 
 from ..artifact import Protection
 from ..errors import SampleError, SourceError, UEDatasetsError
-from .core import needs_keys, needs_labels, selected
+from .core import needs_labels
 from .encoded import Item, protect_encoded
 from .images import IMAGE_EXTENSIONS
-from .shards import ShardOptions, ShardStats, atomic_write, run, write_stats
+from .shards import ShardOptions, ShardStats, atomic_write, check_not_empty, finish, run
 
 OUTPUT_FIELD = "png"
 
@@ -294,17 +294,11 @@ def protect_shard(
             raise SourceError(in_url, f"cannot open ({type(e).__name__}: {e})") from None
         with src:
             skip = lambda err: stats.skip(err.key, err.reason)  # noqa: E731
-            stats.written = write_samples(f, track(protect_samples(protection, read(src), options, skip, in_url)))
-        if stats.samples == 0 and not stats.skipped:
-            if options.on_error == "fail":
-                raise SourceError(in_url, "empty shard: no samples")
-            stats.skip("", "empty shard: no samples")
+            write_samples(f, track(protect_samples(protection, read(src), options, skip, in_url)))
+        check_not_empty(stats, options, "empty shard: no samples")
 
     atomic_write(out_url, write)
-    stats.protected = int(selected(protection, keys).sum()) if needs_keys(protection) else len(keys)
-    stats.seconds = round(time.perf_counter() - start, 4)
-    write_stats(stats)
-    return stats
+    return finish(stats, protection, keys, start)
 
 
 def protect_shards(
