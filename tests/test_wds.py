@@ -141,7 +141,7 @@ def test_rerun_skips_completed_shards_without_touching_them(shards, protection, 
     def boom(*a, **k):
         raise AssertionError("a completed shard was protected again")
 
-    monkeypatch.setattr(uewds, "protect_encoded", boom)
+    monkeypatch.setattr(uewds, "protect_encoded_stream", boom)
     second = protect(protection, shards, out_dir)
     assert [s["resumed"] for s in second] == [True, True, True]
     assert [{**s, "resumed": False} for s in second] == first
@@ -164,24 +164,24 @@ def test_rerun_with_another_protection_raises_unless_overwrite(shards, protectio
 
 
 def test_interrupted_run_leaves_no_partial_shard_and_resumes_to_identical_bytes(shards, protection, tmp_path, monkeypatch):
-    real = uewds.protect_encoded
+    real = uewds.protect_encoded_stream
     calls = []
 
-    def interrupted(*args, **kwargs):
-        calls.append(kwargs.get("source"))
+    def interrupted(protection, batches, source, *rest):
+        calls.append(source)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(protection, batches, source, *rest)
 
     out_dir = tmp_path / "out"
-    monkeypatch.setattr(uewds, "protect_encoded", interrupted)
+    monkeypatch.setattr(uewds, "protect_encoded_stream", interrupted)
     with pytest.raises(KeyboardInterrupt):
         protect(protection, shards, out_dir)
     assert calls == [shards[0], shards[1]]
     # Only the first shard is complete; the second left neither a file nor stats, not even a partial.
     assert listing(out_dir) == ["shard-00.tar", "shard-00_stats.json"]
 
-    monkeypatch.setattr(uewds, "protect_encoded", real)
+    monkeypatch.setattr(uewds, "protect_encoded_stream", real)
     resumed = protect(protection, shards, out_dir)
     assert [s["resumed"] for s in resumed] == [True, False, False]
 

@@ -18,23 +18,25 @@ boundary. An all-black image stays black (the max is guarded).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..artifact import Protection
 
-#: Bytes of float32 work buffer per chunk on CPU: small enough to stay in cache.
-_CPU_CHUNK_BYTES = 2 << 20
+#: Bytes of float32 input per chunk on CPU: a few images, so the passes stay in cache.
+_CPU_CHUNK_BYTES = 4 << 20
 
 
 def _chunk_size(x: torch.Tensor) -> int:
     if x.device.type != "cpu":
         return x.shape[0]
-    per_image = 4 * x[0].numel() * 3
-    return max(1, _CPU_CHUNK_BYTES // per_image)
+    return max(1, _CPU_CHUNK_BYTES // (4 * x[0].numel()))
 
 
 def convolve(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     """Per-sample depthwise correlation with zero padding ``k // 2``.
+
+    Tap by tap, each output pixel accumulates ``x[y + i - p, x + j - p] * w[i, j]`` in the order
+    ``(i, j) = (0, 0), (0, 1), ...``; taps that fall on the zero padding are skipped (adding 0 changes
+    no float sum), so no padded copy is made.
 
     Args:
         x: ``(B, C, H, W)`` float32.
@@ -43,15 +45,21 @@ def convolve(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(B, C, H, W)`` float32.
     """
-    b, c, h, w = x.shape
+    b, _, h, w = x.shape
     k = filters.shape[-1]
     p = k // 2
-    xp = F.pad(x, (p, p, p, p))
     out = torch.zeros_like(x)
-    weights = filters.view(b, 1, k, k)
+    tmp = torch.empty_like(x)
+    weights = filters.reshape(b, 1, k, k)
     for i in range(k):
         for j in range(k):
-            out += xp[:, :, i : i + h, j : j + w] * weights[:, :, i : i + 1, j : j + 1]
+            dy, dx = i - p, j - p
+            y0, y1, x0, x1 = max(0, -dy), h - max(0, dy), max(0, -dx), w - max(0, dx)
+            if y0 >= y1 or x0 >= x1:
+                continue
+            t = tmp[:, :, y0:y1, x0:x1]
+            torch.mul(x[:, :, y0 + dy : y1 + dy, x0 + dx : x1 + dx], weights[:, :, i : i + 1, j : j + 1], out=t)
+            out[:, :, y0:y1, x0:x1] += t
     return out
 
 
@@ -73,9 +81,11 @@ def apply_convolution(protection: Protection, x: torch.Tensor, labels: torch.Ten
     for s in range(0, x.shape[0], step):
         z = convolve(x[s : s + step].to(torch.float32), filters[s : s + step])
         if params["grayscale"]:
-            z = z.mean(dim=1, keepdim=True).expand_as(z)
+            z = z.mean(dim=1, keepdim=True).expand_as(z).contiguous()
         peak = z.amax(dim=(1, 2, 3), keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
-        z = (z / peak).mul_(255).clamp_(0, 255)
-        z = z.add_(0.5).floor_() if params["quantize"] == "round" else z.floor_()
+        # z / peak <= 1 exactly in float32, so the product stays in [0, 255]; the cast truncates.
+        z = z.div_(peak).mul_(255)
+        if params["quantize"] == "round":
+            z = z.add_(0.5)
         out[s : s + step] = z.to(torch.uint8)
     return out

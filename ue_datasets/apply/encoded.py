@@ -1,7 +1,7 @@
 """Protect encoded images (bytes or PIL) to PNG bytes: the path shared by the record-based adapters.
 
 The ``datasets.map`` function, the webdataset stage, the shard rewriter and the parquet rewriter all
-go through `protect_encoded`: decode and mode-normalise each image, check its label, run the tensor
+go through `protect_encoded_stream` (or `protect_encoded`, its one-batch form): decode and mode-normalise each image, check its label, run the tensor
 core once over the batch (grouped by size), encode lossless PNG. A sample that cannot be protected
 comes back as a `SampleError` in its slot, so the caller decides to fail or to skip and record it.
 """
@@ -9,10 +9,10 @@ comes back as a `SampleError` in its slot, so the caller decides to fail or to s
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -25,13 +25,16 @@ from .images import PNG_LEVEL, decode, encode_png, normalize_mode, pil_to_tensor
 
 @dataclass(frozen=True)
 class Item:
-    """One sample to protect: its key, its image (encoded bytes or PIL) and its label (or None)."""
+    """One sample to protect: its key, its image (encoded bytes or PIL), its label (or None), and the
+    shard or file it comes from when that differs from the batch's source."""
 
     key: str
     image: bytes | Image.Image
     label: Any = None
+    source: str | None = None
 
 
+T = TypeVar("T")
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -55,6 +58,68 @@ def _decode_item(protection: Protection, item: Item, labelled: bool) -> torch.Te
     raise UEDatasetsError(f"expected image bytes or a PIL image, got {type(item.image).__name__}")
 
 
+def protect_encoded_stream(
+    protection: Protection,
+    batches: Iterable[tuple[T, Sequence[Item]]],
+    source: str,
+    device: torch.device | str | None = None,
+    png_level: int = PNG_LEVEL,
+    pool: Executor | None = None,
+) -> Iterator[tuple[T, list[bytes | SampleError]]]:
+    """Protect a stream of batches, overlapping the tensor core with decoding and encoding.
+
+    While the core runs on batch n in this thread, the pool decodes batch n+1 and encodes batch n-1,
+    so on a CPU the codec work and the filtering share the cores instead of taking turns. At most
+    three batches are in flight.
+
+    Args:
+        batches: ``(payload, items)`` pairs; the payload (the caller's samples, rows...) is passed
+            back with the results of its items.
+
+    Yields:
+        ``(payload, results)`` in input order, one PNG or `SampleError` per item.
+    """
+    pool = pool or shared_pool()
+    labelled = needs_labels(protection)
+
+    def load(item: Item) -> torch.Tensor | SampleError:
+        try:
+            return _decode_item(protection, item, labelled)
+        except UEDatasetsError as e:
+            return SampleError(item.source or source, item.key, str(e))
+
+    def start(batch: tuple[T, Sequence[Item]] | None) -> tuple[T, Sequence[Item], list[Future]] | None:
+        return None if batch is None else (batch[0], batch[1], [pool.submit(load, it) for it in batch[1]])
+
+    def protect(payload: T, items: Sequence[Item], decoding: list[Future]) -> tuple[T, list[Any]]:
+        results: list[Any] = [f.result() for f in decoding]
+        ok = [i for i, d in enumerate(results) if not isinstance(d, SampleError)]
+        if ok:
+            protected = protect_batch(
+                protection,
+                [results[i] for i in ok],
+                labels=[int(items[i].label) for i in ok] if labelled else None,
+                keys=[items[i].key for i in ok],
+                device=device,
+            )
+            for i, t in zip(ok, protected):
+                results[i] = pool.submit(encode_png, t, png_level)
+        return payload, results
+
+    def finish(payload: T, results: list[Any]) -> tuple[T, list[bytes | SampleError]]:
+        return payload, [r.result() if isinstance(r, Future) else r for r in results]
+
+    batches = iter(batches)
+    decoding = start(next(batches, None))
+    encoding = None
+    while decoding is not None or encoding is not None:
+        following = start(next(batches, None))
+        protected = protect(*decoding) if decoding is not None else None
+        if encoding is not None:
+            yield finish(*encoding)
+        encoding, decoding = protected, following
+
+
 def protect_encoded(
     protection: Protection,
     items: Sequence[Item],
@@ -63,7 +128,7 @@ def protect_encoded(
     png_level: int = PNG_LEVEL,
     pool: Executor | None = None,
 ) -> list[bytes | SampleError]:
-    """Protect a batch of encoded images; one PNG (or the reason it failed) per item, in order.
+    """Protect one batch of encoded images; one PNG (or the reason it failed) per item, in order.
 
     Args:
         protection: a fitted `Protection`.
@@ -73,26 +138,6 @@ def protect_encoded(
         png_level: zlib level of the written PNG (lossless at any level).
         pool: executor for decode and encode; the shared thread pool by default.
     """
-    pool = pool or shared_pool()
-    labelled = needs_labels(protection)
-
-    def load(item: Item) -> torch.Tensor | SampleError:
-        try:
-            return _decode_item(protection, item, labelled)
-        except UEDatasetsError as e:
-            return SampleError(source, item.key, str(e))
-
-    decoded = list(pool.map(load, items))
-    ok = [i for i, d in enumerate(decoded) if not isinstance(d, SampleError)]
-    results: list[bytes | SampleError] = list(decoded)  # type: ignore[arg-type]
-    if ok:
-        protected = protect_batch(
-            protection,
-            [decoded[i] for i in ok],  # type: ignore[misc]
-            labels=[int(items[i].label) for i in ok] if labelled else None,
-            keys=[items[i].key for i in ok],
-            device=device,
-        )
-        for i, png in zip(ok, pool.map(lambda t: encode_png(t, png_level), protected)):
-            results[i] = png
-    return results
+    for _, results in protect_encoded_stream(protection, [(None, items)], source, device, png_level, pool):
+        return results
+    return []

@@ -10,7 +10,7 @@ Files are written and resumed as webdataset shards are (`ue_datasets.apply.shard
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import fsspec
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from ..artifact import Protection
 from ..errors import SampleError, SourceError, UEDatasetsError
 from .core import needs_labels
-from .encoded import Item, protect_encoded
+from .encoded import Item, protect_encoded_stream
 from .shards import ShardOptions, ShardStats, atomic_write, check_not_empty, finish, run
 
 
@@ -60,8 +60,9 @@ def protect_parquet_file(
             if schema.get_field_index(col) < 0:
                 raise SourceError(in_url, f"no column {col!r} (columns: {', '.join(schema.names)})")
         image_type = schema.field(image_col).type
-        offset = 0
-        with src, pq.ParquetWriter(f, schema) as writer:
+
+        def batches() -> Iterator[tuple[tuple[pa.RecordBatch, list[str], dict[int, Any]], list[Item]]]:
+            offset = 0
             for batch in parquet.iter_batches(batch_size=options.batch_size):
                 rows = batch.to_pydict()
                 n = batch.num_rows
@@ -69,17 +70,21 @@ def protect_parquet_file(
                     str(offset + i) for i in range(n)
                 ]
                 offset += n
-                stats.samples += n
-                outcome: dict[int, bytes | SampleError] = {}
-                items: dict[int, Item] = {}
+                outcome: dict[int, Any] = {}  # row -> Item to protect, or its SampleError
                 for i in range(n):
                     try:
                         label = rows[label_col][i] if labelled else None
-                        items[i] = Item(keys[i], _image_value(rows[image_col][i]), label)
+                        outcome[i] = Item(keys[i], _image_value(rows[image_col][i]), label)
                     except UEDatasetsError as e:
                         outcome[i] = SampleError(in_url, keys[i], str(e))
-                done = protect_encoded(protection, list(items.values()), in_url, options.device, options.png_level)
-                outcome.update(zip(items, done))
+                yield (batch, keys, outcome), [v for v in outcome.values() if isinstance(v, Item)]
+
+        with src, pq.ParquetWriter(f, schema) as writer:
+            stream = protect_encoded_stream(protection, batches(), in_url, options.device, options.png_level)
+            for (batch, keys, outcome), done in stream:
+                n = batch.num_rows
+                stats.samples += n
+                outcome.update(zip([i for i, v in outcome.items() if isinstance(v, Item)], done))
                 keep = []
                 for i in range(n):
                     r = outcome[i]

@@ -26,7 +26,7 @@ import fsspec
 from ..artifact import Protection
 from ..errors import SampleError, SourceError, UEDatasetsError
 from .core import needs_labels
-from .encoded import Item, protect_encoded
+from .encoded import Item, protect_encoded_stream
 from .images import IMAGE_EXTENSIONS
 from .shards import ShardOptions, ShardStats, atomic_write, check_not_empty, finish, run
 
@@ -151,42 +151,17 @@ def _label(sample: dict[str, Any], label_field: str) -> int:
         raise UEDatasetsError(f"label field {label_field!r} is not an integer: {bytes(raw)[:40]!r}") from None
 
 
-def _protect_group(
-    protection: Protection, group: list[dict[str, Any]], options: ShardOptions, default_source: str
-) -> Iterator[dict[str, Any] | SampleError]:
-    """Protect one batch of raw samples; yields each output sample or its error, in input order."""
-    labelled = needs_labels(protection)
-    prepared: list[tuple[str, Item] | SampleError] = []
-    for sample in group:
-        key, source = sample["__key__"], sample.get("__url__", default_source)
-        try:
-            ext = _image_field(sample, options.image_field)
-            if ext != OUTPUT_FIELD and OUTPUT_FIELD in sample:
-                raise UEDatasetsError(f"image is {ext!r} but the sample already has a {OUTPUT_FIELD!r} field")
-            label = _label(sample, options.label_field) if labelled else None
-            prepared.append((ext, Item(key, sample[ext], label)))
-        except UEDatasetsError as e:
-            prepared.append(SampleError(source, key, str(e)))
-    good = [p for p in prepared if not isinstance(p, SampleError)]
-    pngs = iter(
-        protect_encoded(
-            protection,
-            [item for _, item in good],
-            source=group[0].get("__url__", default_source),
-            device=options.device,
-            png_level=options.png_level,
-        )
-    )
-    for sample, prep in zip(group, prepared):
-        if isinstance(prep, SampleError):
-            yield prep
-            continue
-        png = next(pngs)
-        if isinstance(png, SampleError):
-            yield png
-            continue
-        ext = prep[0]
-        yield {(OUTPUT_FIELD if k == ext else k): (png if k == ext else v) for k, v in sample.items()}
+def _prepare(sample: dict[str, Any], options: ShardOptions, labelled: bool, default_source: str) -> tuple[str, Item] | SampleError:
+    """The image field and the `Item` of one raw sample, or why it cannot be protected."""
+    key, source = sample["__key__"], sample.get("__url__", default_source)
+    try:
+        ext = _image_field(sample, options.image_field)
+        if ext != OUTPUT_FIELD and OUTPUT_FIELD in sample:
+            raise UEDatasetsError(f"image is {ext!r} but the sample already has a {OUTPUT_FIELD!r} field")
+        label = _label(sample, options.label_field) if labelled else None
+        return ext, Item(key, sample[ext], label, source)
+    except UEDatasetsError as e:
+        return SampleError(source, key, str(e))
 
 
 def _batches(samples: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -220,15 +195,26 @@ def protect_samples(
     Yields:
         The same samples with the image field replaced by ``png`` bytes of the protected image.
     """
-    for group in _batches(samples, options.batch_size):
-        for out in _protect_group(protection, group, options, source):
+    labelled = needs_labels(protection)
+
+    def prepared() -> Iterator[tuple[tuple[list, list], list[Item]]]:
+        for group in _batches(samples, options.batch_size):
+            preps = [_prepare(s, options, labelled, source) for s in group]
+            yield (group, preps), [p[1] for p in preps if not isinstance(p, SampleError)]
+
+    stream = protect_encoded_stream(protection, prepared(), source, options.device, options.png_level)
+    for (group, preps), pngs in stream:
+        done = iter(pngs)
+        for sample, prep in zip(group, preps):
+            out = prep if isinstance(prep, SampleError) else next(done)
             if isinstance(out, SampleError):
                 if options.on_error == "fail":
                     raise out
                 if on_skip is not None:
                     on_skip(out)
                 continue
-            yield out
+            ext = prep[0]
+            yield {(OUTPUT_FIELD if k == ext else k): (out if k == ext else v) for k, v in sample.items()}
 
 
 def protect_stage(protection: Protection, options: ShardOptions = ShardOptions(), **kwargs: Any):
