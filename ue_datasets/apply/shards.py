@@ -13,7 +13,8 @@ import json
 import multiprocessing
 import posixpath
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from ..artifact import Protection
 from ..errors import SourceError, UEDatasetsError
 from ..version import __version__
-from .core import needs_keys, selected
+from .core import needs_keys, resolve_device, selected
 from .images import PNG_LEVEL
 
 ON_ERROR = ("fail", "skip")
@@ -166,6 +167,24 @@ def _worker_device(device: str, worker: int) -> str:
     return device
 
 
+@contextmanager
+def _core_threads(options: ShardOptions) -> Iterator[None]:
+    """On CPU, run the tensor core single-threaded while rewriting files.
+
+    The decode/encode pool already keeps every core busy and overlaps with the core; intra-op
+    threads on top only oversubscribe the cores (and stall badly on a loaded machine).
+    """
+    if resolve_device(options.device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _task(rewrite: Rewrite, protection: Protection, in_url: str, out_url: str, options: ShardOptions, worker: int):
     torch.set_num_threads(1)
     return asdict(rewrite(protection, in_url, out_url, options.replace(device=_worker_device(options.device, worker)), None))
@@ -210,7 +229,7 @@ def run(
     bar = tqdm(total=len(pairs), initial=len(results), unit="file", desc="protect", disable=not progress)
     try:
         if workers <= 1 or len(todo) <= 1:
-            with tqdm(unit="img", desc="samples", disable=not progress, leave=False) as samples:
+            with tqdm(unit="img", desc="samples", disable=not progress, leave=False) as samples, _core_threads(options):
                 for i in todo:
                     results[i] = asdict(rewrite(protection, *pairs[i], options, samples.update))
                     bar.update(1)
