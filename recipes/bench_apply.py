@@ -319,7 +319,7 @@ def main() -> None:
 
     repeats = min(args.repeats, 2) if args.quick else args.repeats
     # (size, images, images per shard) for measurement 1; batch of measurement 2.
-    shard_plan = [(224, 64, 32), (28, 512, 128)] if args.quick else [(224, 512, 128), (28, 4096, 1024)]
+    shard_plan = [(224, 64, 32), (28, 512, 128)] if args.quick else [(224, 1024, 512), (28, 8192, 4096)]
     batch = 32 if args.quick else 256
 
     env = environment()
