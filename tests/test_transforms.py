@@ -105,3 +105,14 @@ def test_protect_loads_an_artifact_directory(tmp_path, protection):
     protection.save(tmp_path / "p")
     x = torch.randint(0, 256, (3, 5, 5), dtype=torch.uint8)
     assert torch.equal(Protect(tmp_path / "p")(x, 3)[0], Protect(protection)(x, 3)[0])
+
+
+def test_protected_dataset_wraps_image_label_pairs(protection):
+    from ue_datasets.transforms import ProtectedDataset
+
+    images, labels = make_dataset(4)
+    wrapped = ProtectedDataset(list(zip(images, labels)), protection, then=v2.PILToTensor())
+    assert len(wrapped) == 4
+    for i in range(4):
+        x, y = wrapped[i]
+        assert y == labels[i] and torch.equal(x, protect_batch(protection, to_chw(images[i])[None], [y])[0])

@@ -3,6 +3,6 @@
 (The folder sits at the top of the repository; nothing installs a top-level ``transforms`` module.)
 """
 
-from .protect import Protect, ProtectBatch, default_labels_getter
+from .protect import Protect, ProtectBatch, ProtectedDataset, default_labels_getter
 
-__all__ = ["Protect", "ProtectBatch", "default_labels_getter"]
+__all__ = ["Protect", "ProtectBatch", "ProtectedDataset", "default_labels_getter"]

@@ -124,6 +124,28 @@ class Protect(v2.Transform):
         return tree_unflatten(flat, spec)
 
 
+class ProtectedDataset(torch.utils.data.Dataset):
+    """Wrap a map-style dataset of ``(image, label)`` pairs so that its images come out protected.
+
+    torchvision's MNIST, CIFAR and ImageFolder datasets take no joint ``transforms=`` argument, so the
+    label-aware `Protect` goes around them: ``ProtectedDataset(FashionMNIST(root), protection)``. With a
+    protection that covers a fraction, the sample index is the key. Put further (label-blind)
+    transforms in ``then``.
+    """
+
+    def __init__(self, dataset: Any, protection: Protection | str | os.PathLike, then: Callable | None = None):
+        self.dataset, self.then = dataset, then
+        self.protect = Protect(protection, keys_getter=lambda inputs: inputs[2])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        image, label = self.dataset[index][:2]
+        image, label, _ = self.protect(image, label, str(index))
+        return (image if self.then is None else self.then(image)), label
+
+
 class ProtectBatch(torch.nn.Module):
     """Batch form: protect ``(B, C, H, W)`` images with ``(B,)`` labels after or inside the DataLoader.
 
