@@ -126,7 +126,8 @@ def write_samples(fileobj: Any, samples: Iterable[dict[str, Any]]) -> int:
 # --------------------------------------------------------------------------- protecting samples
 
 
-def _image_field(sample: dict[str, Any], image_field: str | None) -> str:
+def image_field_of(sample: dict[str, Any], image_field: str | None) -> str:
+    """The field holding a raw sample's image: ``image_field``, or the first of `IMAGE_EXTENSIONS`."""
     if image_field is not None:
         if image_field not in sample:
             raise UEDatasetsError(f"no image field {image_field!r} (fields: {_fields(sample)})")
@@ -141,7 +142,8 @@ def _fields(sample: dict[str, Any]) -> str:
     return ", ".join(k for k in sample if not k.startswith("__")) or "none"
 
 
-def _label(sample: dict[str, Any], label_field: str) -> int:
+def label_of(sample: dict[str, Any], label_field: str) -> int:
+    """The integer class id in a raw sample's ``label_field`` (ASCII digits, as webdataset's ``cls``)."""
     if label_field not in sample:
         raise UEDatasetsError(f"missing label field {label_field!r} (fields: {_fields(sample)})")
     raw = sample[label_field]
@@ -155,10 +157,10 @@ def _prepare(sample: dict[str, Any], options: ShardOptions, labelled: bool, defa
     """The image field and the `Item` of one raw sample, or why it cannot be protected."""
     key, source = sample["__key__"], sample.get("__url__", default_source)
     try:
-        ext = _image_field(sample, options.image_field)
+        ext = image_field_of(sample, options.image_field)
         if ext != OUTPUT_FIELD and OUTPUT_FIELD in sample:
             raise UEDatasetsError(f"image is {ext!r} but the sample already has a {OUTPUT_FIELD!r} field")
-        label = _label(sample, options.label_field) if labelled else None
+        label = label_of(sample, options.label_field) if labelled else None
         return ext, Item(key, sample[ext], label, source)
     except UEDatasetsError as e:
         return SampleError(source, key, str(e))
