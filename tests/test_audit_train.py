@@ -17,7 +17,9 @@ from ue_datasets.audit.models import MODELS, build_model, list_models, models_he
 from ue_datasets.audit.train import (
     TrainConfig,
     TrainResult,
+    _batches,
     _crop_flip,
+    _num_batches,
     _ssl_augment,
     evaluate,
     linear_probe_ssl,
@@ -150,6 +152,14 @@ def test_augment_path_is_deterministic(clean_task):
     b = train_classifier("small-cnn", *clean_task, K, cfg)
     assert a.test_accuracy == b.test_accuracy and a.train_loss == b.train_loss
     assert a.train_loss != train_classifier("small-cnn", *clean_task, K, dataclasses.replace(cfg, augment=False)).train_loss
+
+
+@pytest.mark.parametrize("n", [1, 5, 32, 33, 34, 64, 65])
+def test_batches_cover_every_sample_once_and_never_leave_one_alone(n):
+    chunks = _batches(n, 32, torch.Generator().manual_seed(0))
+    assert len(chunks) == _num_batches(n, 32)
+    assert sorted(torch.cat(chunks).tolist()) == list(range(n))
+    assert n < 2 or min(len(c) for c in chunks) >= 2
 
 
 def test_crop_flip_shifts_and_mirrors_with_zero_padding():

@@ -207,8 +207,15 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor
     merged into the previous batch."""
     chunks = list(torch.randperm(n, generator=generator).split(batch_size))
     if len(chunks) > 1 and len(chunks[-1]) < 2:
-        chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
+        last = chunks.pop()
+        chunks[-1] = torch.cat([chunks[-1], last])
     return chunks
+
+
+def _num_batches(n: int, batch_size: int) -> int:
+    """``len(_batches(n, batch_size, ...))`` without drawing a permutation."""
+    k = -(-n // batch_size)
+    return k - 1 if k > 1 and n % batch_size == 1 else k
 
 
 # --------------------------------------------------------------------------- augmentation and PGD
@@ -318,7 +325,7 @@ def _fit(model: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Tensor, tes
     generator = _data_generator(config.seed)
     train_y, test_y = train_y.long(), test_y.long()
     n = len(train_x)
-    iters_per_epoch = len(_batches(n, config.batch_size, torch.Generator().manual_seed(0)))
+    iters_per_epoch = _num_batches(n, config.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * iters_per_epoch)
     eps, pgd_step = config.adversarial_eps, config.effective_pgd_step
@@ -416,6 +423,8 @@ def _ssl_augment(x: Tensor, generator: torch.Generator) -> Tensor:
     scale 0.5-1, aspect 3/4-4/3, bilinear) with horizontal flip; brightness and contrast jitter
     (factors 0.6-1.4, probability 0.8); for 3 channels also saturation jitter (0.6-1.4, inside the same
     0.8) and grayscale (probability 0.2). Draws a fixed number of values from ``generator`` per call.
+    (Brightness/contrast jitter is kept for one channel too: on Fashion-MNIST, SimCLR with crop and
+    flip alone gave a linear probe 7 points worse.)
 
     Returns float ``(B, C, H, W)`` in ``[0, 1]`` on ``x``'s device.
     """
@@ -499,10 +508,10 @@ def linear_probe_ssl(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: T
     with _seeded(config):
         encoder = SmallCNN(c, num_classes).features
         head = nn.Sequential(nn.Linear(64, 128), nn.ReLU(inplace=True), nn.Linear(128, projection_dim))
-        net = nn.Sequential(encoder, head).to(device).train()
+        net = nn.Sequential(encoder, head).to(device).train().to(memory_format=torch.channels_last)
         generator = _data_generator(config.seed)
         n = len(train_x)
-        iters = ssl_epochs * len(_batches(n, ssl_batch_size, torch.Generator().manual_seed(0)))
+        iters = ssl_epochs * _num_batches(n, ssl_batch_size)
         optimizer = torch.optim.Adam(net.parameters(), lr=ssl_lr, weight_decay=1e-6)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, iters))
         pretrain_loss: list[float] = []
@@ -513,6 +522,7 @@ def linear_probe_ssl(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: T
             for idx in bar:
                 xb = _to_float(train_x[idx].to(device, non_blocking=True))
                 views = torch.cat([_ssl_augment(xb, generator), _ssl_augment(xb, generator)])
+                views = views.contiguous(memory_format=torch.channels_last)
                 loss = nt_xent(net(views), temperature)
                 if not torch.isfinite(loss):
                     raise UEDatasetsError(f"SimCLR pre-training diverged (loss {loss.item()}) in epoch {epoch}; lower ssl_lr")
