@@ -18,7 +18,6 @@ from ue_datasets.audit.train import (
     TrainConfig,
     TrainResult,
     _batches,
-    _crop_flip,
     _num_batches,
     _ssl_augment,
     evaluate,
@@ -160,23 +159,6 @@ def test_batches_cover_every_sample_once_and_never_leave_one_alone(n):
     assert len(chunks) == _num_batches(n, 32)
     assert sorted(torch.cat(chunks).tolist()) == list(range(n))
     assert n < 2 or min(len(c) for c in chunks) >= 2
-
-
-def test_crop_flip_shifts_and_mirrors_with_zero_padding():
-    x = torch.arange(1, 1 + 2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8).repeat(50, 1, 1, 1)
-    g = torch.Generator().manual_seed(0)
-    out = _crop_flip(x, g)
-    assert out.shape == x.shape and out.dtype == x.dtype
-    assert torch.equal(out, _crop_flip(x, torch.Generator().manual_seed(0)))
-    padded = F.pad(x, (1, 1, 1, 1))  # pad = max(1, 8 // 8)
-    flips = 0
-    for i in range(len(x)):
-        windows = [padded[i, :, r:r + 8, c:c + 8] for r in range(3) for c in range(3)]
-        plain = any(torch.equal(out[i], w) for w in windows)
-        mirrored = any(torch.equal(out[i], w.flip(2)) for w in windows)
-        assert plain or mirrored
-        flips += mirrored and not plain
-    assert 20 < flips < 80
 
 
 def test_pgd_stays_within_eps_and_raises_the_loss():

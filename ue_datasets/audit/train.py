@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import UEDatasetsError
+from .defenses import augment_pad, random_crop_flip
 from .models import SmallCNN, build_model
 
 #: Offset between the initialisation seed and the seed of the data generator (shuffle, augmentation).
@@ -221,31 +222,6 @@ def _num_batches(n: int, batch_size: int) -> int:
 # --------------------------------------------------------------------------- augmentation and PGD
 
 
-def _crop_flip(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random crop with zero padding ``max(1, min(H, W) // 8)`` and horizontal flip (p 0.5), per sample.
-
-    Args:
-        x: ``(B, C, H, W)`` images, any dtype and device.
-        generator: CPU generator for the offsets and flips (3 draws of size B).
-
-    Returns:
-        ``(B, C, H, W)`` of ``x``'s dtype and device: sample ``i`` is the ``H x W`` window at a random
-        offset of ``x[i]`` padded with zeros, mirrored left-right with probability 1/2.
-    """
-    b, _, h, w = x.shape
-    pad = max(1, min(h, w) // 8)
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-    padded = F.pad(x, (pad, pad, pad, pad))
-    rows = oy[:, None] + torch.arange(h, device=x.device)  # (B, H)
-    cols = ox[:, None] + torch.arange(w, device=x.device)  # (B, W)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C): advanced dims first
-    return out.permute(0, 3, 1, 2)  # a channels-last view
-
-
 def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 10, step: float | None = None,
                generator: torch.Generator | None = None) -> Tensor:
     """Madry et al.'s PGD L-inf attack: maximise the cross-entropy within ``||delta||_inf <= eps``.
@@ -340,7 +316,8 @@ def _fit(model: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Tensor, tes
             xb = _to_float(train_x[idx].to(device, non_blocking=True))
             yb = train_y[idx].to(device, non_blocking=True)
             if config.augment:
-                xb = _crop_flip(xb, generator)
+                pad = max(1, augment_pad(*xb.shape[-2:]))
+                xb = random_crop_flip(xb, generator, pad).contiguous(memory_format=torch.channels_last)
             if eps is not None:
                 xb = pgd_attack(model, xb, yb, eps, config.pgd_steps, pgd_step, generator)
             logits = model(xb)
