@@ -40,21 +40,10 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from ..errors import UEDatasetsError
+from .tensors import check_images
 
 #: Images per chunk in `median_filter` (its unfolded window is k*k times the input).
 _MEDIAN_CHUNK_VALUES = 1 << 24
-
-
-def _check_images(x: torch.Tensor, what: str = "x") -> None:
-    """Raise `UEDatasetsError` unless ``x`` is a uint8 ``(N, C, H, W)`` CPU tensor with C in {1, 3}."""
-    if not isinstance(x, torch.Tensor):
-        raise UEDatasetsError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.uint8:
-        raise UEDatasetsError(f"{what} must be uint8, got {x.dtype}")
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise UEDatasetsError(f"{what} must have shape (N, C, H, W) with C = 1 or 3, got {tuple(x.shape)}")
-    if x.device.type != "cpu":
-        raise UEDatasetsError(f"{what} must be on the CPU, got {x.device}")
 
 
 def _check_int(value: object, name: str, low: int, high: int) -> int:
@@ -104,7 +93,7 @@ def jpeg(x: torch.Tensor, quality: int = 10) -> torch.Tensor:
     Returns:
         uint8 ``(N, C, H, W)``.
     """
-    _check_images(x)
+    check_images(x)
     quality = _check_int(quality, "JPEG quality", 1, 100)
     out = torch.empty_like(x)
     for i in range(x.shape[0]):
@@ -125,7 +114,7 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     Returns:
         uint8 ``(N, C, H, W)`` with all channels equal.
     """
-    _check_images(x)
+    check_images(x)
     if x.shape[1] == 1:
         return x.clone()
     v = x.to(torch.int32)
@@ -145,7 +134,7 @@ def bit_depth(x: torch.Tensor, bits: int = 2) -> torch.Tensor:
     Returns:
         uint8 ``(N, C, H, W)``; every value a multiple of ``2 ** (8 - bits)``.
     """
-    _check_images(x)
+    check_images(x)
     bits = _check_int(bits, "bits", 1, 8)
     mask = (0xFF << (8 - bits)) & 0xFF
     return torch.bitwise_and(x, mask)
@@ -201,16 +190,11 @@ def median_filter(x: torch.Tensor, kernel: int = 3) -> torch.Tensor:
     Returns:
         uint8 ``(N, C, H, W)``.
     """
-    _check_images(x)
-    kernel = _check_int(kernel, "median kernel", 1, 99)
-    if kernel % 2 == 0:
-        raise UEDatasetsError(f"median kernel must be odd, got {kernel}")
+    kernel = _check_window(x, kernel, "median")
     n, c, h, w = x.shape
     p = kernel // 2
     if p == 0 or x.numel() == 0:
         return x.clone()
-    if min(h, w) <= p:
-        raise UEDatasetsError(f"a {kernel}x{kernel} median needs images larger than {p} pixels, got {h}x{w}")
     rows, cols = _reflect_index(h, p), _reflect_index(w, p)
     out = torch.empty_like(x)
     step = max(1, _MEDIAN_CHUNK_VALUES // (c * h * w * kernel * kernel))
@@ -241,15 +225,21 @@ def gaussian_blur(x: torch.Tensor, kernel: int = 3, sigma: float = 0.1) -> torch
     Returns:
         uint8 ``(N, C, H, W)``.
     """
-    _check_images(x)
-    kernel = _check_int(kernel, "blur kernel", 1, 99)
-    if kernel % 2 == 0:
-        raise UEDatasetsError(f"blur kernel must be odd, got {kernel}")
+    kernel = _check_window(x, kernel, "blur")
     sigma = _check_positive(sigma, "blur sigma")
-    p = kernel // 2
-    if x.numel() and min(x.shape[2], x.shape[3]) <= p:
-        raise UEDatasetsError(f"a {kernel}x{kernel} blur needs images larger than {p} pixels, got {tuple(x.shape[2:])}")
     return TF.gaussian_blur(x, [kernel, kernel], [sigma, sigma])
+
+
+def _check_window(x: torch.Tensor, kernel: object, what: str) -> int:
+    """Check the images and an odd window side that fits them (reflect padding needs side > k // 2)."""
+    check_images(x)
+    kernel = _check_int(kernel, f"{what} kernel", 1, 99)
+    if kernel % 2 == 0:
+        raise UEDatasetsError(f"{what} kernel must be odd, got {kernel}")
+    p = kernel // 2
+    if p and x.numel() and min(x.shape[2], x.shape[3]) <= p:
+        raise UEDatasetsError(f"a {kernel}x{kernel} {what} needs images larger than {p} pixels, got {tuple(x.shape[2:])}")
+    return kernel
 
 
 def _check_positive(value: object, name: str) -> float:
@@ -283,7 +273,7 @@ def upload(x: torch.Tensor, seed: int = 0, quality: int = 75) -> torch.Tensor:
     Returns:
         uint8 ``(N, C, H, W)``.
     """
-    _check_images(x)
+    check_images(x)
     quality = _check_int(quality, "JPEG quality", 1, 100)
     seed = _check_int(seed, "seed", 0, 2**32 - 1)
     rng = np.random.RandomState(seed)

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import UEDatasetsError
+from .tensors import check_images
 
 #: float64 values held at once per chunk of images (SSIM holds 5 filtered copies).
 _CHUNK_VALUES = 1 << 22
@@ -31,15 +32,8 @@ SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 
 
 def _check_pair(clean: torch.Tensor, protected: torch.Tensor) -> None:
-    for what, x in (("clean", clean), ("protected", protected)):
-        if not isinstance(x, torch.Tensor):
-            raise UEDatasetsError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != torch.uint8:
-            raise UEDatasetsError(f"{what} must be uint8, got {x.dtype}")
-        if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise UEDatasetsError(f"{what} must have shape (N, C, H, W) with C = 1 or 3, got {tuple(x.shape)}")
-        if x.device.type != "cpu":
-            raise UEDatasetsError(f"{what} must be on the CPU, got {x.device}")
+    check_images(clean, "clean")
+    check_images(protected, "protected")
     if clean.shape != protected.shape:
         raise UEDatasetsError(f"clean and protected differ in shape: {tuple(clean.shape)} vs {tuple(protected.shape)}")
 
