@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import fsspec
 
 from ..apply.core import resolve_device
-from ..apply.sources import resolve
+from ..apply.sources import HF_STATS, resolve
 from ..apply.shards import stats_url
 from ..errors import UEDatasetsError
 from ..version import __version__
@@ -68,8 +69,7 @@ class _Sets:
 def _protection_of(src: str) -> dict[str, Any] | None:
     """The protection named by the stats written next to protected shards or files, if any."""
     source = resolve(src)
-    url = source.urls[0] if source.kind != "hf" else source.urls[0].rstrip("/") + "/ue_datasets_stats.json"
-    path = stats_url(url) if source.kind != "hf" else url
+    path = posixpath.join(source.urls[0], HF_STATS) if source.kind == "hf" else stats_url(source.urls[0])
     fs, p = fsspec.core.url_to_fs(path)
     if not fs.exists(p):
         return None
