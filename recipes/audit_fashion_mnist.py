@@ -95,7 +95,7 @@ def main() -> None:
     train_x, train_y = load("train", args.root)
     test_x, test_y = load("test", args.root)
     clean = write_shards(train_x, train_y, balanced(train_y, args.train_per_class), out / "data" / "clean", "train")
-    test = write_shards(test_x, test_y, balanced(test_y, args.test_per_class), out / "data" / "test", "test")
+    write_shards(test_x, test_y, balanced(test_y, args.test_per_class), out / "data" / "test", "test")
 
     protections = {"CUDA": fit_convolution(10, key=KEY)}
     config = AuditConfig(epochs=args.epochs, defenses=tuple(args.defenses.split(",")), device="cpu")

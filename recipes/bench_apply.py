@@ -335,7 +335,7 @@ def main() -> None:
     gray, labels = load("test", args.root)
     labels = labels.astype(np.int64)  # a writable copy (the loader's arrays are read-only views)
     protection = fit_convolution(10, key=0)
-    print(f"  protection   {protection.method} {protection.short_digest} "
+    print(f"  protection   {protection.method} {protection.id[:12]} "
           f"(fit_convolution(10, key=0): kernel {protection.params['kernel_size']}, blur {protection.params['blur']})")
 
     started = time.perf_counter()

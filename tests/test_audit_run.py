@@ -132,3 +132,10 @@ def test_cli_audit_prints_the_table(sources, tmp_path, capsys):
     assert "| bdr:2 |" in out and (tmp_path / "r" / "report.md").exists()
     assert main(["audit", "--protected", sources["protected"], "--test", sources["test"], "--defense", "nope",
                  "-o", str(tmp_path / "r2")]) == 2
+
+
+def test_audit_without_clean_set_reports_without_imperceptibility(sources, tmp_path):
+    config = AuditConfig(epochs=1, batch_size=64, device="cpu")
+    report = run_audit(sources["protected"], None, sources["test"], tmp_path / "r", config, progress=False)
+    assert report["imperceptibility"] is None and [r["training_set"] for r in report["results"]] == ["protected"]
+    assert "n/a: no --clean" in (tmp_path / "r" / "report.md").read_text()

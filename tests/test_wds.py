@@ -72,7 +72,7 @@ def test_rewritten_shards_keep_keys_order_and_other_fields_and_hold_protect_batc
         assert st["input"] == in_url and st["output"] == out_path(out_dir, in_url)
         assert (st["samples"], st["written"], st["protected"], st["skipped"]) == (5, 5, 5, [])
         assert st["resumed"] is False
-        assert st["protection"] == {"method": "convolution", "digest": protection.digest}
+        assert st["protection"] == {"method": "convolution", "id": protection.id}
         on_disk = json.loads((out_dir / (os.path.basename(in_url)[:-4] + "_stats.json")).read_text())
         assert on_disk == st
 
@@ -157,7 +157,7 @@ def test_rerun_with_another_protection_raises_unless_overwrite(shards, protectio
     assert file_bytes(out_path(out_dir, shards[0])) == before
     stats = protect(other_protection, shards, out_dir, overwrite=True)
     assert [s["resumed"] for s in stats] == [False] * 3
-    assert all(s["protection"]["digest"] == other_protection.digest for s in stats)
+    assert all(s["protection"]["id"] == other_protection.id for s in stats)
     assert file_bytes(out_path(out_dir, shards[0])) != before
     dst = read_tar(out_path(out_dir, shards[0]))
     assert torch.equal(png_pixels(dst[0]["png"]), expected_pixels(other_protection, read_tar(shards[0])[0]))

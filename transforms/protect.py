@@ -79,7 +79,7 @@ class Protect(v2.Transform):
         self.labels_getter, self.keys_getter, self.device = labels_getter, keys_getter, device
 
     def extra_repr(self) -> str:
-        return f"method={self.protection.method}, digest={self.protection.short_digest}"
+        return f"method={self.protection.method}, id={self.protection.id}"
 
     def _conditions(self, inputs: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -7,7 +7,9 @@ On disk a protection is a directory with two files, loaded without pickle:
   the name, dtype and shape of each tensor, and a sha256 digest over method, parameters and tensors.
 
 The artifact is the protector's secret: whoever holds it can regenerate the protection. What travels
-with protected data (shards, stats files, dataset fingerprints) names it only by its digest.
+with protected data (shards, stats files, dataset fingerprints) names it only by its ``id``, a random
+128-bit identifier drawn at fit time. Never the digest: the digest is a function of the key, so a
+published digest would let anyone test guesses of the key offline.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -44,11 +47,14 @@ class Protection:
         method: registered method name, e.g. ``"convolution"`` (the CUDA paper's method).
         params: JSON-serialisable public parameters (no key, no secret).
         tensors: the secret tensors, on any device; saved as contiguous CPU tensors.
+        id: random public identifier (32 hex digits), the only name of the protection that outputs
+            carry; drawn anew for every fit.
     """
 
     method: str
     params: dict[str, Any]
     tensors: dict[str, torch.Tensor] = field(repr=False)
+    id: str = field(default_factory=lambda: secrets.token_hex(16))
 
     @cached_property
     def digest(self) -> str:
@@ -61,10 +67,9 @@ class Protection:
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return "sha256:" + h.hexdigest()
 
-    @property
-    def short_digest(self) -> str:
-        """The first 12 hex digits of the digest, for file names and log lines."""
-        return self.digest.split(":", 1)[1][:12]
+    def public(self) -> dict[str, str]:
+        """What may travel with protected data: the method and the random id (never the digest)."""
+        return {"method": self.method, "id": self.id}
 
     def manifest(self) -> dict[str, Any]:
         """The public manifest: everything but the tensors' values."""
@@ -72,6 +77,7 @@ class Protection:
             "format": FORMAT_NAME,
             "format_version": ARTIFACT_FORMAT,
             "ue_datasets_version": __version__,
+            "id": self.id,
             "method": self.method,
             "params": self.params,
             "tensors": {
@@ -88,11 +94,11 @@ class Protection:
             return self
         cache = self.__dict__.setdefault("_device_copies", {})
         if device not in cache:
-            cache[device] = Protection(self.method, self.params, {n: t.to(device) for n, t in self.tensors.items()})
+            cache[device] = Protection(self.method, self.params, {n: t.to(device) for n, t in self.tensors.items()}, self.id)
         return cache[device]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"method": self.method, "params": self.params, "tensors": self.tensors}
+        return {"method": self.method, "params": self.params, "tensors": self.tensors, "id": self.id}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -136,7 +142,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
             f"{path}: artifact format {version} is newer than this ue-datasets {__version__} reads "
             f"(format {ARTIFACT_FORMAT}); upgrade ue-datasets"
         )
-    for key in ("method", "params", "tensors", "digest"):
+    for key in ("id", "method", "params", "tensors", "digest"):
         if key not in manifest:
             raise ArtifactError(f"{path}: manifest lacks {key!r}")
     return manifest
@@ -160,7 +166,7 @@ def load_protection(directory: str | os.PathLike, device: torch.device | str = "
         raise ArtifactError(f"{directory}: missing {TENSORS}") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path}: unreadable or truncated tensor file ({e})") from None
-    protection = Protection(manifest["method"], manifest["params"], tensors)
+    protection = Protection(manifest["method"], manifest["params"], tensors, str(manifest["id"]))
     declared = manifest["tensors"]
     actual = protection.manifest()["tensors"]
     if declared != actual:

@@ -175,7 +175,7 @@ def _fit(args: argparse.Namespace) -> int:
     )
     out = protection.save(args.output, overwrite=args.overwrite)
     print(f"fitted cuda ({protection.method}): {args.num_classes} classes, k={args.kernel_size}, blur={args.blur} "
-          f"-> {out} ({protection.digest})")
+          f"-> {out} (id {protection.id})")
     print("keep this directory and the key secret: they regenerate the protection")
     return 0
 

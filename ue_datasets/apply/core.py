@@ -134,8 +134,9 @@ def _protect_uint8(
     colour = x[:, : 3 if c >= 3 else 1]
     mask = None
     if needs_keys(protection):
-        if keys is None:
-            raise UEDatasetsError("this protection covers a fraction of the samples: pass a key per sample")
+        if keys is None or len(keys) != x.shape[0]:
+            got = "no keys" if keys is None else f"{len(keys)} keys"
+            raise UEDatasetsError(f"this protection covers a fraction of the samples: pass one key per image ({got} for {x.shape[0]})")
         mask = selected(protection, keys).to(x.device)
     kwargs = {}
     if method.labels:

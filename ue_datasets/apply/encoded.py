@@ -35,15 +35,20 @@ class Item:
 
 
 T = TypeVar("T")
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
 
 
 def shared_pool() -> ThreadPoolExecutor:
-    """A process-wide thread pool for decoding and encoding (PIL releases the GIL in its codecs)."""
+    """A process-wide thread pool for decoding and encoding (PIL releases the GIL in its codecs).
+
+    Made anew in a forked child (DataLoader workers, ``datasets`` map workers): a pool's threads do
+    not survive ``fork``.
+    """
     global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="ue-codec")
-    return _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="ue-codec")
+        _POOL = (os.getpid(), pool)
+    return _POOL[1]
 
 
 def _decode_item(protection: Protection, item: Item, labelled: bool) -> torch.Tensor:

@@ -72,10 +72,11 @@ class ProtectMap:
         if isinstance(protection, Protection):
             self._protection: Protection | None = protection
             self.path = None
-            self.digest = protection.digest
+            self.digest, self.protection_id = protection.digest, protection.id
         else:
             self._protection, self.path = None, str(protection)
-            self.digest = load_protection(self.path).digest
+            loaded = load_protection(self.path)
+            self.digest, self.protection_id = loaded.digest, loaded.id
         self.image_column, self.label_column, self.key_column = image_column, label_column, key_column
         self.device, self.on_error, self.png_level = device, on_error, png_level
         self.as_bytes, self.source = as_bytes, source
@@ -97,9 +98,13 @@ class ProtectMap:
         return self._protection
 
     def fingerprint(self, previous: str | None = None) -> str:
-        """A deterministic ``new_fingerprint``: package version, protection digest, options, input."""
+        """A deterministic ``new_fingerprint``: package version, protection id, options, input.
+
+        (The id, not the digest: fingerprints are saved with datasets, and a digest could be used to
+        test guesses of the key.)
+        """
         spec = json.dumps(
-            [__version__, self.digest, self.image_column, self.label_column, self.key_column, self.on_error,
+            [__version__, self.protection_id, self.image_column, self.label_column, self.key_column, self.on_error,
              self.png_level, self.as_bytes, previous],
             sort_keys=True,
         )
@@ -153,7 +158,7 @@ class ProtectMap:
                 if self.on_error == "fail":
                     raise r
                 warnings.warn(f"skipped {r}")
-                self.skipped.append({"key": r.key, "reason": r.reason})
+                self.skipped.append({"source": r.source, "key": r.key, "reason": r.reason})
             else:
                 keep.append(i)
         out = {col: [values[i] for i in keep] for col, values in batch.items()} if len(keep) < n else dict(batch)
@@ -205,6 +210,9 @@ def protect_dataset(
             for split, d in dataset.items()
         })
     features = dataset.features
+    if features is not None and isinstance(features.get(image_column), datasets.Image) and features[image_column].decode:
+        # Decode in ProtectMap, not in datasets: a bad image then fails (or is skipped) naming its row.
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     fn = ProtectMap(protection, image_column, label_column, key_column, device, on_error, png_level,
                     as_bytes=not _is_image_feature(features, image_column), source=source, skipped=skipped)
     if isinstance(dataset, datasets.IterableDataset):

@@ -23,6 +23,9 @@ MODES_BY_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 CONVERTED = {"1": "L", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB"}
 #: Extensions that hold an image, in the order they are looked for in a webdataset sample.
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp", "ppm", "pgm", "pbm")
+#: Formats Pillow may open: those of `IMAGE_EXTENSIONS`. Restricting them keeps untrusted bytes away
+#: from plugins that run external programs (EPS runs Ghostscript).
+PIL_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "PPM")
 #: Compression level of written PNGs: lossless at any level; 1 is the fastest.
 PNG_LEVEL = 1
 
@@ -51,9 +54,18 @@ def normalize_mode(img: Image.Image) -> Image.Image:
 
 
 def decode(data: bytes) -> Image.Image:
-    """Decode encoded image bytes fully (so truncation shows here), mode-normalised."""
+    """Decode encoded image bytes fully (so truncation shows here), mode-normalised.
+
+    Only `PIL_FORMATS` are opened, and images stored with 16 bits per sample are refused (Pillow would
+    reduce 16-bit RGB to 8 bits silently).
+    """
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+    except Exception as e:
+        raise ImageFormatError(f"cannot decode image ({type(e).__name__}: {e})") from None
+    if any(";16" in str(tile[3]) for tile in getattr(img, "tile", []) or []):
+        raise ImageFormatError(f"16-bit image ({img.format} {img.mode}) is not supported; convert it to 8 bits explicitly")
+    try:
         img.load()
     except Exception as e:
         raise ImageFormatError(f"cannot decode image ({type(e).__name__}: {e})") from None

@@ -43,7 +43,7 @@ def protect_parquet_file(
 ) -> ShardStats:
     """Rewrite one parquet file with protected images; see the module docstring."""
     start = time.perf_counter()
-    stats = ShardStats(in_url, out_url, protection={"method": protection.method, "digest": protection.digest})
+    stats = ShardStats(in_url, out_url, protection=protection.public())
     image_col = options.image_field or "image"
     label_col = options.label_field
     labelled = needs_labels(protection)
@@ -52,6 +52,13 @@ def protect_parquet_file(
     def write(f: Any) -> None:
         try:
             src = fsspec.open(in_url, "rb").open()
+        except OSError as e:
+            raise SourceError(in_url, f"cannot open ({type(e).__name__}: {e})") from None
+        with src:
+            rewrite(src, f)
+
+    def rewrite(src: Any, f: Any) -> None:
+        try:
             parquet = pq.ParquetFile(src)
         except (OSError, pa.ArrowInvalid) as e:
             raise SourceError(in_url, f"cannot read parquet ({type(e).__name__}: {e})") from None
@@ -79,7 +86,7 @@ def protect_parquet_file(
                         outcome[i] = SampleError(in_url, keys[i], str(e))
                 yield (batch, keys, outcome), [v for v in outcome.values() if isinstance(v, Item)]
 
-        with src, pq.ParquetWriter(f, schema) as writer:
+        with pq.ParquetWriter(f, schema) as writer:
             stream = protect_encoded_stream(protection, batches(), in_url, options.device, options.png_level)
             for (batch, keys, outcome), done in stream:
                 n = batch.num_rows

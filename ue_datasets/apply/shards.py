@@ -2,7 +2,7 @@
 
 The model is img2dataset's: one input file gives one output file of the same name; it is written as
 ``NAME.partial`` and renamed when complete, then ``STEM_stats.json`` is written, last, as the mark that
-the file is done. A rerun skips files whose stats name the same protection digest and redoes the rest,
+the file is done. A rerun skips files whose stats name the same protection id and redoes the rest,
 so a killed run resumes and ends with the same bytes as an uninterrupted one. Files are independent,
 so they can be rewritten by several processes (spawned, so CUDA works in them).
 """
@@ -157,7 +157,10 @@ def plan(inputs: Sequence[str], output_dir: str) -> list[tuple[str, str]]:
         if name in seen:
             raise UEDatasetsError(f"inputs {seen[name]} and {url} would both be written as {name}")
         seen[name] = url
-        pairs.append((url, output_dir.rstrip("/") + "/" + name))
+        out = output_dir.rstrip("/") + "/" + name
+        if fsspec.core.url_to_fs(out)[1] == fsspec.core.url_to_fs(url)[1]:
+            raise UEDatasetsError(f"{url}: the output would overwrite the input; choose another output folder")
+        pairs.append((url, out))
     return pairs
 
 
@@ -220,10 +223,10 @@ def run(
         if done is None:
             todo.append(i)
             continue
-        digest = done.get("protection", {}).get("digest")
-        if digest != protection.digest:
+        other = done.get("protection", {}).get("id")
+        if other != protection.id:
             raise UEDatasetsError(
-                f"{dst} was completed with another protection ({digest}); write to a new output or pass --overwrite"
+                f"{dst} was completed with another protection ({other}); write to a new output or pass --overwrite"
             )
         results[i] = {**done, "resumed": True}
     bar = tqdm(total=len(pairs), initial=len(results), unit="file", desc="protect", disable=not progress)

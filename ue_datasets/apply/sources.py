@@ -28,6 +28,7 @@ from braceexpand import braceexpand
 from ..artifact import Protection
 from ..errors import UEDatasetsError
 from ..version import __version__
+from .core import needs_keys, selected
 from .shards import ShardOptions
 
 HF_MARKERS = ("state.json", "dataset_dict.json")
@@ -96,7 +97,7 @@ def _protect_hf(
     if fs.exists(stats_path) and not overwrite:
         with fs.open(stats_path, "rb") as f:
             done = json.loads(f.read())
-        if done.get("protection", {}).get("digest") != protection.digest:
+        if done.get("protection", {}).get("id") != protection.id:
             raise UEDatasetsError(f"{dst} was written with another protection; write to a new output or pass --overwrite")
         return {**done, "resumed": True}
     if fs.exists(out) and not overwrite and fs.ls(out):
@@ -124,10 +125,22 @@ def _protect_hf(
         result.save_to_disk(fs.unstrip_protocol(partial) if "://" in dst else partial)
     samples = sum(len(d) for d in splits.values())
     written = sum(len(d) for d in outputs.values())
+    protected = written
+    if needs_keys(protection):  # count the rows a partial protection covers, by the keys ProtectMap used
+        protected = 0
+        for split, ds in outputs.items():
+            name = f"{src}[{split}]" if split is not None else src
+            column = options.key_field or ("__key__" if "__key__" in ds.column_names else None)
+            if column is not None:
+                keys = [str(k) for k in ds[column]]
+            else:
+                dropped = {s["key"] for s in skipped if s["source"] == name}
+                keys = [str(i) for i in range(len(splits[split])) if str(i) not in dropped]
+            protected += int(selected(protection, keys).sum())
     stats = {
-        "input": src, "output": dst, "samples": samples, "written": written, "protected": written,
+        "input": src, "output": dst, "samples": samples, "written": written, "protected": protected,
         "skipped": skipped, "seconds": round(time.perf_counter() - start, 4),
-        "protection": {"method": protection.method, "digest": protection.digest},
+        "protection": protection.public(),
         "ue_datasets_version": __version__, "resumed": False,
     }
     with fs.open(posixpath.join(partial, HF_STATS), "wb") as f:

@@ -84,8 +84,8 @@ def read_samples(fileobj: Any, source: str) -> Iterator[dict[str, Any]]:
                 if not member.isfile():
                     continue
                 parts = split_name(member.name)
-                if parts is None:
-                    raise SourceError(source, f"tar member {member.name!r} has no extension, so no sample key")
+                if parts is None:  # not part of any sample (a README...): webdataset skips these too
+                    continue
                 key, ext = parts
                 if current is not None and current["__key__"] != key:
                     yield current
@@ -132,9 +132,10 @@ def image_field_of(sample: dict[str, Any], image_field: str | None) -> str:
         if image_field not in sample:
             raise UEDatasetsError(f"no image field {image_field!r} (fields: {_fields(sample)})")
         return image_field
+    lowered = {k.lower(): k for k in sample if not k.startswith("__")}
     for ext in IMAGE_EXTENSIONS:
-        if ext in sample:
-            return ext
+        if ext in lowered:
+            return lowered[ext]
     raise UEDatasetsError(f"no image field; looked for {', '.join(IMAGE_EXTENSIONS)} (fields: {_fields(sample)})")
 
 
@@ -150,7 +151,8 @@ def label_of(sample: dict[str, Any], label_field: str) -> int:
     try:
         return int(raw.decode("ascii").strip() if isinstance(raw, (bytes, bytearray)) else raw)
     except (ValueError, UnicodeDecodeError, TypeError):
-        raise UEDatasetsError(f"label field {label_field!r} is not an integer: {bytes(raw)[:40]!r}") from None
+        shown = raw[:40] if isinstance(raw, (bytes, bytearray, str)) else raw
+        raise UEDatasetsError(f"label field {label_field!r} is not an integer: {shown!r}") from None
 
 
 def _prepare(sample: dict[str, Any], options: ShardOptions, labelled: bool, default_source: str) -> tuple[str, Item] | SampleError:
@@ -255,7 +257,7 @@ def protect_shard(
     shard and key) under ``on_error="fail"``; nothing is left under the output's final name.
     """
     start = time.perf_counter()
-    stats = ShardStats(in_url, out_url, protection={"method": protection.method, "digest": protection.digest})
+    stats = ShardStats(in_url, out_url, protection=protection.public())
     keys: list[str] = []
 
     def read(src: Any) -> Iterator[dict[str, Any]]:

@@ -7,6 +7,7 @@ mixes both, and everything is stacked into one uint8 tensor: the audit trains on
 
 from __future__ import annotations
 
+import numbers
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ class LabelledImages:
 
 
 def _records(src: str, label_field: str | None, image_field: str | None, key_field: str | None
-             ) -> Iterator[tuple[str, bytes | object, int]]:
+             ) -> Iterator[tuple[str, str, bytes | object, object]]:
+    """``(file or dataset, key, image bytes or PIL, raw label)`` of every sample, in source order."""
     source = resolve(src)
     if source.kind == "wds":
         field = label_field or "cls"
@@ -54,7 +56,7 @@ def _records(src: str, label_field: str | None, image_field: str | None, key_fie
             with fsspec.open(url, "rb") as f:
                 for sample in read_samples(f, url):
                     try:
-                        yield sample["__key__"], sample[image_field_of(sample, image_field)], label_of(sample, field)
+                        yield url, sample["__key__"], sample[image_field_of(sample, image_field)], label_of(sample, field)
                     except UEDatasetsError as e:
                         raise SampleError(url, sample["__key__"], str(e)) from None
         return
@@ -70,7 +72,7 @@ def _records(src: str, label_field: str | None, image_field: str | None, key_fie
         for i, row in enumerate(ds):
             image = row[image_col]
             key = str(row[key_field]) if key_field else str(i)
-            yield key, image["bytes"] if image.get("bytes") is not None else _read(image.get("path")), int(row[label_col])
+            yield src, key, image["bytes"] if image.get("bytes") is not None else _read(image.get("path")), row[label_col]
         return
     import pyarrow.parquet as pq
 
@@ -81,7 +83,7 @@ def _records(src: str, label_field: str | None, image_field: str | None, key_fie
         rows = table.to_pydict()
         for i, (image, label) in enumerate(zip(rows[image_col], rows[label_col])):
             key = str(rows[key_field][i]) if key_field else f"{posixpath.basename(url)}:{i}"
-            yield key, image["bytes"] if isinstance(image, dict) else image, int(label)
+            yield url, key, image["bytes"] if isinstance(image, dict) else image, label
 
 
 def _read(path: str | None) -> bytes:
@@ -115,20 +117,22 @@ def load_labelled(
         UEDatasetsError: mixed sizes without ``image_size``; an empty source.
     """
     keys, images, labels = [], [], []
-    for key, data, label in _records(src, label_field, image_field, key_field):
+    for where, key, data, label in _records(src, label_field, image_field, key_field):
         if limit is not None and len(keys) >= limit:
             break
         try:
+            if isinstance(label, bool) or not isinstance(label, numbers.Integral):
+                raise UEDatasetsError(f"label {label!r} is not an integer")
             t = pil_to_tensor(decode(data) if isinstance(data, (bytes, bytearray)) else normalize_mode(data))
         except UEDatasetsError as e:
-            raise SampleError(src, key, str(e)) from None
+            raise SampleError(where, key, str(e)) from None
         t = t[:3] if t.shape[0] >= 3 else t[:1]  # drop alpha
         if image_size is not None and tuple(t.shape[-2:]) != (image_size, image_size):
             t = F.interpolate(t[None].float(), size=(image_size, image_size), mode="bilinear", antialias=True,
                               align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
         keys.append(key)
         images.append(t)
-        labels.append(label)
+        labels.append(int(label))
     if not keys:
         raise UEDatasetsError(f"{src}: no samples")
     sizes = {tuple(t.shape[-2:]) for t in images}
