@@ -17,7 +17,6 @@ grayscale already, so it would change nothing.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -28,11 +27,11 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import DEFAULT_ROOT, load  # noqa: E402
+from fashion_mnist import DEFAULT_ROOT, load, write_png_shards  # noqa: E402
 
 from ue_datasets import fit_convolution  # noqa: E402
 from ue_datasets.apply.shards import ShardOptions  # noqa: E402
-from ue_datasets.apply.wds import protect_shards, write_samples  # noqa: E402
+from ue_datasets.apply.wds import protect_shards  # noqa: E402
 from ue_datasets.audit import AuditConfig, run_audit  # noqa: E402
 
 DEFENSES = ("none", "jpeg:10", "bdr:2", "median:3", "blur:0.1", "blur:1.0", "upload:75", "augment", "at:8")
@@ -47,19 +46,9 @@ def balanced(labels: np.ndarray, per_class: int) -> np.ndarray:
 
 def write_shards(images: np.ndarray, labels: np.ndarray, index: np.ndarray, folder: Path, prefix: str,
                  per_shard: int = 2000) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    urls = []
-    for n, start in enumerate(range(0, len(index), per_shard)):
-        samples = []
-        for i in index[start : start + per_shard]:
-            buf = io.BytesIO()
-            Image.fromarray(images[i], "L").save(buf, format="PNG", compress_level=1)
-            samples.append({"__key__": f"{prefix}-{i:05d}", "png": buf.getvalue(), "cls": str(int(labels[i])).encode()})
-        url = folder / f"{prefix}-{n:03d}.tar"
-        with open(url, "wb") as f:
-            write_samples(f, samples)
-        urls.append(str(url))
-    return urls
+    """Shards ``PREFIX-000.tar``... of the images at ``index``, keyed ``PREFIX-<dataset index>``."""
+    return write_png_shards([Image.fromarray(images[i], "L") for i in index], labels[index],
+                            [f"{prefix}-{i:05d}" for i in index], folder, prefix + "-{:03d}.tar", per_shard)
 
 
 def table(reports: dict[str, dict]) -> str:

@@ -40,7 +40,6 @@ A full default run takes about 1.5 minutes on 2 CPU cores; ``--quick`` is a smok
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -58,12 +57,12 @@ import torch
 from PIL import Image
 
 import ue_datasets
-from fashion_mnist import DEFAULT_ROOT, load  # recipes/fashion_mnist.py, beside this script
+from fashion_mnist import DEFAULT_ROOT, load, write_png_shards  # recipes/fashion_mnist.py, beside this script
 from ue_datasets import fit_convolution, protect_batch
 from ue_datasets.apply.core import identity_protection
 from ue_datasets.apply.images import decode, pil_to_tensor
 from ue_datasets.apply.shards import ShardOptions
-from ue_datasets.apply.wds import protect_shards, read_samples, write_samples
+from ue_datasets.apply.wds import protect_shards, read_samples
 from ue_datasets.transforms import Protect
 
 SHARD_TARGET = 1.15  # protect / floor, at most
@@ -112,19 +111,8 @@ def make_images(gray: np.ndarray, size: int) -> list[Image.Image]:
 
 def write_shards(images: list[Image.Image], labels: np.ndarray, per_shard: int, folder: Path) -> list[str]:
     """webdataset shards of ``KEY.png`` + ``KEY.cls`` written with the library's `write_samples`."""
-    folder.mkdir(parents=True)
-    urls = []
-    for n, start in enumerate(range(0, len(images), per_shard)):
-        samples = []
-        for i in range(start, min(start + per_shard, len(images))):
-            buf = io.BytesIO()
-            images[i].save(buf, format="PNG", compress_level=INPUT_PNG_LEVEL)
-            samples.append({"__key__": f"fmnist-{i:06d}", "png": buf.getvalue(), "cls": str(int(labels[i])).encode()})
-        path = folder / f"shard-{n:05d}.tar"
-        with open(path, "wb") as f:
-            write_samples(f, samples)
-        urls.append(str(path))
-    return urls
+    keys = [f"fmnist-{i:06d}" for i in range(len(images))]
+    return write_png_shards(images, labels, keys, folder, "shard-{:05d}.tar", per_shard, INPUT_PNG_LEVEL)
 
 
 def read_pixels(urls: list[str]) -> tuple[list[str], list[torch.Tensor]]:

@@ -8,10 +8,15 @@ Fashion-MNIST is (c) 2017 Zalando SE, MIT licence.
 from __future__ import annotations
 
 import gzip
+import io
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from ue_datasets.apply.wds import write_samples
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -37,3 +42,22 @@ def load(split: str = "train", root: str | Path = DEFAULT_ROOT) -> tuple[np.ndar
     raise FileNotFoundError(
         f"no Fashion-MNIST IDX files in {root}: `apt-get install dataset-fashion-mnist`, or pass the folder"
     )
+
+
+def write_png_shards(images: Sequence[Image.Image], labels: Sequence[int], keys: Sequence[str], folder: Path,
+                     name: str, per_shard: int, png_level: int = 1) -> list[str]:
+    """Write webdataset shards of ``KEY.png`` + ``KEY.cls`` into ``folder``; ``name`` formats the shard
+    number (``"train-{:03d}.tar"``). Returns the shard paths in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for n, start in enumerate(range(0, len(images), per_shard)):
+        samples = []
+        for i in range(start, min(start + per_shard, len(images))):
+            buf = io.BytesIO()
+            images[i].save(buf, format="PNG", compress_level=png_level)
+            samples.append({"__key__": keys[i], "png": buf.getvalue(), "cls": str(int(labels[i])).encode()})
+        path = folder / name.format(n)
+        with open(path, "wb") as f:
+            write_samples(f, samples)
+        urls.append(str(path))
+    return urls

@@ -318,16 +318,20 @@ def test_bad_sample_is_skipped_and_recorded_with_on_error_skip(bad_shard, protec
         assert torch.equal(png_pixels(b["png"]), expected_pixels(protection, a))
 
 
-def _truncated(tmp_path, cut_in_sample: int = 2) -> tuple[str, list[dict]]:
-    """A 5-sample shard cut in the middle of the image data of sample ``cut_in_sample``."""
+def _tar_and_member(samples: list[dict], name: str):
+    """The tar bytes of ``samples`` and the `TarInfo` of member ``name`` (its offsets into the bytes)."""
     import tarfile
 
-    samples = make_samples(5, seed=5)
     buf = io.BytesIO()
     write_samples(buf, samples)
-    data = buf.getvalue()
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        member = tar.getmember(f"{samples[cut_in_sample]['__key__']}.jpg")
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
+        return buf.getvalue(), tar.getmember(name)
+
+
+def _truncated(tmp_path, cut_in_sample: int = 2) -> tuple[str, list[dict]]:
+    """A 5-sample shard cut in the middle of the image data of sample ``cut_in_sample``."""
+    samples = make_samples(5, seed=5)
+    data, member = _tar_and_member(samples, f"{samples[cut_in_sample]['__key__']}.jpg")
     cut = member.offset_data + member.size // 2
     path = tmp_path / "cut.tar"
     path.write_bytes(data[:cut])
@@ -364,14 +368,8 @@ def test_truncated_shard_with_skip_keeps_every_complete_sample_before_the_cut(pr
 
 
 def test_tar_cut_between_two_samples_is_reported_as_truncated(protection, tmp_path):
-    import tarfile
-
     samples = make_samples(4, seed=6)
-    buf = io.BytesIO()
-    write_samples(buf, samples)
-    data = buf.getvalue()
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        member = tar.getmember(f"{samples[2]['__key__']}.jpg")
+    data, member = _tar_and_member(samples, f"{samples[2]['__key__']}.jpg")
     path = tmp_path / "cut.tar"
     path.write_bytes(data[: member.offset])  # ends right before sample 2's first header
     with pytest.raises(SourceError, match="truncated"):
