@@ -23,11 +23,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import DEFAULT_ROOT, load, write_png_shards  # noqa: E402
+from fashion_mnist import DEFAULT_ROOT, balanced, load, write_shards  # noqa: E402
 
 from ue_datasets import fit_convolution  # noqa: E402
 from ue_datasets.apply.shards import ShardOptions  # noqa: E402
@@ -37,18 +34,6 @@ from ue_datasets.audit import AuditConfig, run_audit  # noqa: E402
 DEFENSES = ("none", "jpeg:10", "bdr:2", "median:3", "blur:0.1", "blur:1.0", "upload:75", "augment", "at:8")
 #: Private key of the recipe's CUDA protection (a recipe's key is public; yours must not be).
 KEY = 20230304
-
-
-def balanced(labels: np.ndarray, per_class: int) -> np.ndarray:
-    """The first ``per_class`` indices of every class, in dataset order."""
-    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)]))
-
-
-def write_shards(images: np.ndarray, labels: np.ndarray, index: np.ndarray, folder: Path, prefix: str,
-                 per_shard: int = 2000) -> list[str]:
-    """Shards ``PREFIX-000.tar``... of the images at ``index``, keyed ``PREFIX-<dataset index>``."""
-    return write_png_shards([Image.fromarray(images[i], "L") for i in index], labels[index],
-                            [f"{prefix}-{i:05d}" for i in index], folder, prefix + "-{:03d}.tar", per_shard)
 
 
 def table(reports: dict[str, dict]) -> str:

@@ -61,3 +61,15 @@ def write_png_shards(images: Sequence[Image.Image], labels: Sequence[int], keys:
             write_samples(f, samples)
         urls.append(str(path))
     return urls
+
+
+def balanced(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """The first ``per_class`` indices of every class, in dataset order."""
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)]))
+
+
+def write_shards(images: np.ndarray, labels: np.ndarray, index: np.ndarray, folder: Path, prefix: str,
+                 per_shard: int = 2000) -> list[str]:
+    """Shards ``PREFIX-000.tar``... of the images at ``index``, keyed ``PREFIX-<dataset index>``."""
+    return write_png_shards([Image.fromarray(images[i], "L") for i in index], labels[index],
+                            [f"{prefix}-{i:05d}" for i in index], folder, prefix + "-{:03d}.tar", per_shard)

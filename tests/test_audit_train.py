@@ -19,7 +19,7 @@ from ue_datasets.audit.train import (
     TrainResult,
     _batches,
     _num_batches,
-    _ssl_augment,
+    ssl_augment,
     evaluate,
     linear_probe_ssl,
     nt_xent,
@@ -228,9 +228,9 @@ def test_bad_inputs_raise(clean_task):
 def test_ssl_augment_and_nt_xent():
     x = torch.rand(6, 3, 16, 16)
     g = torch.Generator().manual_seed(0)
-    v = _ssl_augment(x, g)
+    v = ssl_augment(x, g)
     assert v.shape == x.shape and v.min() >= 0 and v.max() <= 1 and not torch.equal(v, x)
-    assert torch.equal(v, _ssl_augment(x, torch.Generator().manual_seed(0)))
+    assert torch.equal(v, ssl_augment(x, torch.Generator().manual_seed(0)))
     z = torch.randn(6, 4)
     aligned = nt_xent(torch.cat([z, z]), 0.5)
     shuffled = nt_xent(torch.cat([z, z.roll(1, 0)]), 0.5)

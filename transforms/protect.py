@@ -17,7 +17,7 @@ from torch.utils.data import default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..apply.core import needs_keys, needs_labels, protect_batch
+from ..apply.core import needs_keys, needs_labels, protect_batch, uses_keys
 from ..apply.images import normalize_mode, pil_to_tensor, tensor_to_pil
 from ..artifact import Protection, load_protection
 from ..errors import UEDatasetsError
@@ -56,7 +56,8 @@ class Protect(v2.Transform):
     Args:
         protection: a `Protection` or the directory of a saved artifact.
         labels_getter: ``inputs -> labels``; default: second tuple item or a ``label`` dict key.
-        keys_getter: ``inputs -> sample key(s)``, needed by protections that cover a fraction.
+        keys_getter: ``inputs -> sample key(s)``, needed by protections that cover a fraction; used by
+            Unlearnable Clusters to find fitted samples' stored clusters.
         device: where to compute (``None``: where the image is; ``"auto"``: CUDA when available).
 
     Example::
@@ -88,9 +89,9 @@ class Protect(v2.Transform):
                 raise UEDatasetsError(f"method {self.protection.method!r} needs labels; give labels_getter")
             labels = self.labels_getter(inputs)
             out["labels"] = torch.as_tensor(labels).reshape(-1)
-        if needs_keys(self.protection):
-            if self.keys_getter is None:
-                raise UEDatasetsError("this protection covers a fraction of samples: give keys_getter=...")
+        if needs_keys(self.protection) and self.keys_getter is None:
+            raise UEDatasetsError("this protection covers a fraction of samples: give keys_getter=...")
+        if uses_keys(self.protection) and self.keys_getter is not None:
             keys = self.keys_getter(inputs)
             out["keys"] = [str(keys)] if isinstance(keys, (str, int)) else [str(k) for k in keys]
         return out

@@ -9,7 +9,7 @@ v2), `ue_datasets.hf` (``datasets.map``), `ue_datasets.wds` (webdataset) and the
 from .apply.core import protect_batch
 from .artifact import Protection, load_protection, read_manifest
 from .errors import ArtifactError, SampleError, SourceError, UEDatasetsError
-from .fit import fit_convolution
+from .fit import fit_clusters, fit_convolution
 from .version import __version__
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "SourceError",
     "UEDatasetsError",
     "__version__",
+    "fit_clusters",
     "fit_convolution",
     "load_protection",
     "protect_batch",

@@ -79,6 +79,53 @@ def build_parser() -> argparse.ArgumentParser:
     cuda.add_argument("-o", "--output", required=True, help="artifact directory to write")
     cuda.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
 
+    uc = methods.add_parser(
+        "clusters",
+        formatter_class=fmt,
+        help="Unlearnable Clusters: label-agnostic cluster-wise noise with a surrogate encoder (Zhang et al., CVPR 2023)",
+        description=(
+            "Unlearnable Clusters: embed every image with a surrogate encoder, cluster the features with "
+            "k-means (no labels are read), and optimise one L-inf bounded perturbation per cluster that moves "
+            "the surrogate features of its images towards the next cluster's center. The data stays "
+            "unlearnable however an attacker labels it. Stages: features (cached in --cache, resumable), "
+            "k-means, perturbations. ENCODER: open_clip:MODEL:TAG (from the local Hugging Face cache), "
+            "open_clip:MODEL:/path/checkpoint.pt, local-dir:/path (an open_clip bundle), "
+            "torchvision:NAME:/path/weights.pth (penultimate features). Nothing is downloaded when offline."
+        ),
+    )
+    uc.add_argument("--input", required=True, metavar="SRC", help="images to fit on: shards, dataset directory or parquet")
+    uc.add_argument("--encoder", required=True, metavar="SPEC", help="surrogate encoder (see above)")
+    uc.add_argument("--clusters", type=_positive, default=10, metavar="K", help="number of clusters (reference: 10)")
+    uc.add_argument("--eps", default="16/255", help="L-inf bound, a fraction such as 16/255 or a number")
+    uc.add_argument("--mode", choices=("fast", "faithful"), default="fast",
+                    help="fast: all deltas optimised directly in one pass (ours); faithful: one ResNet generator "
+                         "per cluster, as the reference code (K times the cost)")
+    uc.add_argument("--cluster-data", choices=("all", "members"), default="all",
+                    help="images each delta trains on: all of them (reference code) or its cluster's members")
+    uc.add_argument("--epochs", type=_positive, default=None,
+                    help="passes over the data (per cluster when faithful); default 50 faithful, 10 fast")
+    uc.add_argument("--lr", type=float, default=None,
+                    help="Adam learning rate (faithful, 1e-4) or signed step as a fraction of eps (fast, 0.1)")
+    uc.add_argument("--batch-size", type=_positive, default=256, help="images per batch")
+    uc.add_argument("--resolution", type=_positive, default=None,
+                    help="side of the stored perturbations, a multiple of 4 (default: the encoder's input size); "
+                         "resized to each image's size with nearest-neighbour interpolation")
+    uc.add_argument("--image-size", type=_positive, default=None, help="encoder input size (overrides the spec's)")
+    uc.add_argument("--mean", default=None, help="encoder normalisation mean, 'r,g,b' (overrides the spec's)")
+    uc.add_argument("--std", default=None, help="encoder normalisation std, 'r,g,b' (overrides the spec's)")
+    uc.add_argument("--image-field", default=None, help="field/column with the image (default: auto / 'image')")
+    uc.add_argument("--key-field", default=None,
+                    help="column of stable sample keys for datasets and parquet (default: row index), as for protect")
+    uc.add_argument("--limit", type=_positive, default=None, help="fit on the first N samples only")
+    uc.add_argument("--seed", type=int, default=0, help="seed of k-means and of the perturbation training")
+    uc.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    uc.add_argument("--cache", default=None, metavar="DIR",
+                    help="feature cache and checkpoints (default: OUTPUT.cache); rerun to resume")
+    uc.add_argument("--keep-cache", action="store_true", help="keep the cache after a successful fit")
+    uc.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    uc.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    uc.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     protect = sub.add_parser(
         "protect",
         formatter_class=fmt,
@@ -166,8 +213,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _triple(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 3):
+        raise UEDatasetsError(f"--{name} takes one or three comma-separated numbers, got {text!r}")
+    return values * 3 if len(values) == 1 else values
+
+
+def _fit_clusters(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .artifact import ArtifactError
+    from .encoders import parse_encoder
+    from .fit.clusters import fit_clusters
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ArtifactError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    spec = parse_encoder(args.encoder, size=args.image_size, mean=_triple(args.mean, "mean"),
+                         std=_triple(args.std, "std"))
+    protection = fit_clusters(
+        args.input, spec, clusters=args.clusters, eps=args.eps, mode=args.mode, cluster_data=args.cluster_data,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, resolution=args.resolution, seed=args.seed,
+        device=args.device, cache_dir=args.cache or f"{str(out).rstrip('/')}.cache", keep_cache=args.keep_cache,
+        image_field=args.image_field, key_field=args.key_field, limit=args.limit, progress=not args.no_progress,
+    )
+    protection.save(out, overwrite=args.overwrite)
+    p = protection.params
+    print(f"fitted clusters: {p['samples']} images in {p['num_clusters']} clusters (sizes {p['cluster_sizes']}), "
+          f"eps {p['eps'] * 255:.1f}/255, {p['mode']} mode -> {out} (id {protection.id})")
+    print("keep this directory secret: it holds the perturbations")
+    return 0
+
+
 def _fit(args: argparse.Namespace) -> int:
     from .fit import fit_convolution
+
+    if args.method == "clusters":
+        return _fit_clusters(args)
 
     protection = fit_convolution(
         args.num_classes, args.key, kernel_size=args.kernel_size, blur=args.blur, universal=args.universal,

@@ -22,6 +22,7 @@ import torch
 
 from ..artifact import Protection
 from ..errors import UEDatasetsError
+from .clusters import apply_clusters
 from .convolution import apply_convolution
 
 Kernel = Callable[..., torch.Tensor]
@@ -35,11 +36,13 @@ class Method:
         kernel: ``kernel(protection, x uint8 (B, C, H, W), **conditions) -> uint8 (B, C, H, W)``.
         labels: the kernel takes class ids (``labels``).
         label_range: name of the parameter that bounds labels (``num_classes``), if any.
+        keys: the kernel takes the sample keys (``keys``, a list of str or ``None``) when given.
     """
 
     kernel: Kernel
     labels: bool = False
     label_range: str | None = None
+    keys: bool = False
 
 
 def _identity(protection: Protection, x: torch.Tensor, **_: object) -> torch.Tensor:
@@ -48,6 +51,8 @@ def _identity(protection: Protection, x: torch.Tensor, **_: object) -> torch.Ten
 
 METHODS: dict[str, Method] = {
     "convolution": Method(apply_convolution, labels=True, label_range="num_classes"),
+    # Unlearnable Clusters: label-agnostic; keys find fitted samples' stored clusters.
+    "clusters": Method(apply_clusters, keys=True),
     # Decodes and re-encodes without changing a pixel: the floor of benchmarks and audit baselines.
     "identity": Method(_identity),
 }
@@ -75,6 +80,11 @@ def needs_labels(protection: Protection) -> bool:
 def needs_keys(protection: Protection) -> bool:
     """Whether applying ``protection`` needs a stable key per sample (a partial protection does)."""
     return protection.params.get("fraction", 1.0) < 1.0
+
+
+def uses_keys(protection: Protection) -> bool:
+    """Whether applying ``protection`` needs or makes use of sample keys when they are given."""
+    return needs_keys(protection) or method_of(protection).keys
 
 
 def check_label(protection: Protection, label: object) -> str | None:
@@ -123,6 +133,12 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def _take(v: torch.Tensor | list | None, idx: torch.Tensor) -> torch.Tensor | list | None:
+    if v is None or isinstance(v, torch.Tensor):
+        return v if v is None else v[idx.to(v.device)]
+    return [v[i] for i in idx.tolist()]
+
+
 def _protect_uint8(
     protection: Protection, x: torch.Tensor, labels: torch.Tensor | None, keys: Sequence[str] | None
 ) -> torch.Tensor:
@@ -150,11 +166,13 @@ def _protect_uint8(
             bad = [i for i, v in enumerate(labels.tolist()) if not 0 <= v < bound]
             raise UEDatasetsError(f"labels out of range [0, {bound}) at batch positions {bad[:10]}")
         kwargs["labels"] = labels
+    if method.keys:
+        kwargs["keys"] = None if keys is None else [str(k) for k in keys]
     if mask is not None and not bool(mask.all()):
         out = colour.clone()
         if bool(mask.any()):
             idx = mask.nonzero().squeeze(1)
-            sub = {k: v[idx.to(v.device)] for k, v in kwargs.items()}
+            sub = {k: _take(v, idx) for k, v in kwargs.items()}
             out[idx] = method.kernel(protection, colour[idx], **sub)
     else:
         out = method.kernel(protection, colour, **kwargs)
@@ -176,7 +194,8 @@ def protect_batch(
             0..255 or float in [0, 1] (float is quantised to uint8 first, the result returned as
             float ``/ 255``). C = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA); alpha is kept.
         labels: one class id per image, where the method needs them.
-        keys: one stable sample key per image, where the protection covers a fraction.
+        keys: one stable sample key per image, where the protection covers a fraction; methods that
+            store per-sample state (Unlearnable Clusters) use them when given.
         device: where to compute; ``None`` computes where the images are, ``"auto"`` on CUDA when
             available. The result goes back to the images' device.
 

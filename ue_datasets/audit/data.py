@@ -10,16 +10,15 @@ from __future__ import annotations
 import numbers
 import posixpath
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
-import fsspec
 import torch
 import torch.nn.functional as F
 
 from ..apply.images import decode, normalize_mode, pil_to_tensor
+from ..apply.records import Record, iter_records
 from ..apply.sources import resolve
 from ..errors import SampleError, UEDatasetsError
-from ..apply.wds import image_field_of, label_of, read_samples
 
 
 @dataclass
@@ -46,51 +45,12 @@ class LabelledImages:
         return LabelledImages(self.images[index], self.labels[index], [self.keys[i] for i in index.tolist()], self.source)
 
 
-def _records(src: str, label_field: str | None, image_field: str | None, key_field: str | None
-             ) -> Iterator[tuple[str, str, bytes | object, object]]:
-    """``(file or dataset, key, image bytes or PIL, raw label)`` of every sample, in source order."""
-    source = resolve(src)
-    if source.kind == "wds":
-        field = label_field or "cls"
-        for url in source.urls:
-            with fsspec.open(url, "rb") as f:
-                for sample in read_samples(f, url):
-                    try:
-                        yield url, sample["__key__"], sample[image_field_of(sample, image_field)], label_of(sample, field)
-                    except UEDatasetsError as e:
-                        raise SampleError(url, sample["__key__"], str(e)) from None
-        return
-    if source.kind == "hf":
-        import datasets
-
-        ds = datasets.load_from_disk(source.urls[0])
-        if isinstance(ds, datasets.DatasetDict):
-            splits = ", ".join(posixpath.join(src, s) for s in ds)
-            raise UEDatasetsError(f"{src} holds several splits; give one of: {splits}")
-        image_col, label_col = image_field or "image", label_field or "label"
-        ds = ds.cast_column(image_col, datasets.Image(decode=False))
-        for i, row in enumerate(ds):
-            image = row[image_col]
-            key = str(row[key_field]) if key_field else str(i)
-            yield src, key, image["bytes"] if image.get("bytes") is not None else _read(image.get("path")), row[label_col]
-        return
-    import pyarrow.parquet as pq
-
-    image_col, label_col = image_field or "image", label_field or "label"
-    for url in source.urls:
-        with fsspec.open(url, "rb") as f:
-            table = pq.read_table(f, columns=[c for c in (image_col, label_col, key_field) if c])
-        rows = table.to_pydict()
-        for i, (image, label) in enumerate(zip(rows[image_col], rows[label_col])):
-            key = str(rows[key_field][i]) if key_field else f"{posixpath.basename(url)}:{i}"
-            yield url, key, image["bytes"] if isinstance(image, dict) else image, label
-
-
-def _read(path: str | None) -> bytes:
-    if not path:
-        raise UEDatasetsError("image has neither bytes nor a path")
-    with fsspec.open(path, "rb") as f:
-        return f.read()
+def _records(src: str, label_field: str | None, image_field: str | None, key_field: str | None) -> Iterator[Record]:
+    """Labelled records of one split; parquet rows are keyed ``FILE:ROW`` so that files do not collide."""
+    qualify = key_field is None and resolve(src).kind == "parquet"
+    for r in iter_records(src, image_field=image_field, label_field=label_field, key_field=key_field, labels=True,
+                          one_split=True):
+        yield Record(r.source, f"{posixpath.basename(r.source)}:{r.key}", r.image, r.label) if qualify else r
 
 
 def load_labelled(
@@ -117,7 +77,7 @@ def load_labelled(
         UEDatasetsError: mixed sizes without ``image_size``; an empty source.
     """
     keys, images, labels = [], [], []
-    for where, key, data, label in _records(src, label_field, image_field, key_field):
+    for where, key, data, label in (astuple(r) for r in _records(src, label_field, image_field, key_field)):
         if limit is not None and len(keys) >= limit:
             break
         try:

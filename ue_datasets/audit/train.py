@@ -395,7 +395,7 @@ def train_classifier(model_name: str, train_x: Tensor, train_y: Tensor, test_x: 
 # --------------------------------------------------------------------------- SimCLR + linear probe
 
 
-def _ssl_augment(x: Tensor, generator: torch.Generator) -> Tensor:
+def ssl_augment(x: Tensor, generator: torch.Generator) -> Tensor:
     """SimCLR-lite views of float images ``(B, C, H, W)`` in ``[0, 1]``: random resized crop (area
     scale 0.5-1, aspect 3/4-4/3, bilinear) with horizontal flip; brightness and contrast jitter
     (factors 0.6-1.4, probability 0.8); for 3 channels also saturation jitter (0.6-1.4, inside the same
@@ -460,7 +460,7 @@ def linear_probe_ssl(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: T
 
     1. A small-cnn encoder (`SmallCNN` without its last layer; 64-d features) with a projection head
        ``Linear(64, 128)-ReLU-Linear(128, projection_dim)`` is trained **without labels** for
-       ``ssl_epochs`` with NT-Xent (``temperature``) on two `_ssl_augment` views per image (Adam,
+       ``ssl_epochs`` with NT-Xent (``temperature``) on two `ssl_augment` views per image (Adam,
        ``ssl_lr``, cosine schedule, batches of ``ssl_batch_size``).
     2. The encoder is frozen; the features of the un-augmented ``train_x`` and ``test_x`` (eval mode)
        are standardised with the training features' mean and std.
@@ -498,7 +498,7 @@ def linear_probe_ssl(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: T
                        leave=False, disable=progress is None, unit="batch")
             for idx in bar:
                 xb = _to_float(train_x[idx].to(device, non_blocking=True))
-                views = torch.cat([_ssl_augment(xb, generator), _ssl_augment(xb, generator)])
+                views = torch.cat([ssl_augment(xb, generator), ssl_augment(xb, generator)])
                 views = views.contiguous(memory_format=torch.channels_last)
                 loss = nt_xent(net(views), temperature)
                 if not torch.isfinite(loss):

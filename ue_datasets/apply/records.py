@@ -1,0 +1,124 @@
+"""Read the samples of any source `protect` accepts, in source order, without decoding their images.
+
+Used wherever a stage needs the samples themselves rather than rewritten shards: fitting a protection
+from data (features for Unlearnable Clusters) and loading data for the audit. Sample keys follow the
+adapters' conventions, so a key seen at fit time is the key the same sample has when it is protected:
+``__key__`` for webdataset shards; the key column when one is named, else the row index (within the
+file for parquet, within the split for a ``save_to_disk`` dataset).
+
+No field is ever unpickled; only the image (and, when asked for, the label) of each sample is read.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from ..errors import SampleError, UEDatasetsError
+from .sources import resolve
+from .wds import image_field_of, label_of, read_samples
+
+
+@dataclass(frozen=True)
+class Record:
+    """One sample: where it comes from, its key, its encoded image (bytes or PIL) and its raw label."""
+
+    source: str
+    key: str
+    image: bytes | Any
+    label: Any = None
+
+
+def _read(path: str | None) -> bytes:
+    if not path:
+        raise UEDatasetsError("image has neither bytes nor a path")
+    with fsspec.open(path, "rb") as f:
+        return f.read()
+
+
+def iter_records(
+    src: str,
+    *,
+    image_field: str | None = None,
+    label_field: str | None = None,
+    key_field: str | None = None,
+    labels: bool = False,
+    one_split: bool = False,
+) -> Iterator[Record]:
+    """Every sample of ``src`` (shards, parquet files or a ``save_to_disk`` directory), in order.
+
+    Args:
+        src: as for ``ue-datasets protect``.
+        image_field: the image field (auto for shards) or column (``image``).
+        label_field: the label field (``cls``) or column (``label``); read only when ``labels``.
+        key_field: a column of sample keys for tables (default: the row index).
+        labels: read labels (a missing or non-integer label is a `SampleError`).
+        one_split: refuse a ``DatasetDict`` instead of reading its splits one after the other.
+
+    Raises:
+        SampleError: a sample lacks its image or label (names the file and the key).
+        UEDatasetsError: the source cannot be resolved; several splits with ``one_split``.
+    """
+    source = resolve(src)
+    if source.kind == "wds":
+        field = label_field or "cls"
+        for url in source.urls:
+            with fsspec.open(url, "rb") as f:
+                for sample in read_samples(f, url):
+                    try:
+                        yield Record(url, sample["__key__"], sample[image_field_of(sample, image_field)],
+                                     label_of(sample, field) if labels else None)
+                    except UEDatasetsError as e:
+                        raise SampleError(url, sample["__key__"], str(e)) from None
+        return
+    image_col, label_col = image_field or "image", label_field or "label"
+    if source.kind == "hf":
+        import datasets
+
+        ds = datasets.load_from_disk(source.urls[0])
+        if isinstance(ds, datasets.DatasetDict) and one_split:
+            splits = ", ".join(posixpath.join(src, s) for s in ds)
+            raise UEDatasetsError(f"{src} holds several splits; give one of: {splits}")
+        splits = ds.items() if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
+        for split, part in splits:
+            name = src if split is None else f"{src}[{split}]"
+            for col in [image_col] + ([label_col] if labels else []) + ([key_field] if key_field else []):
+                if col not in part.column_names:
+                    raise UEDatasetsError(f"{name}: no column {col!r} (columns: {part.column_names})")
+            part = part.select_columns([c for c in (image_col, label_col if labels else None, key_field) if c])
+            if isinstance(part.features.get(image_col), datasets.Image):
+                part = part.cast_column(image_col, datasets.Image(decode=False))
+            for i, row in enumerate(part):
+                key = str(row[key_field]) if key_field else str(i)
+                image = row[image_col]
+                try:
+                    data = image if not isinstance(image, dict) else (
+                        image["bytes"] if image.get("bytes") is not None else _read(image.get("path")))
+                except UEDatasetsError as e:
+                    raise SampleError(name, key, str(e)) from None
+                yield Record(name, key, data, row[label_col] if labels else None)
+        return
+    import pyarrow.parquet as pq
+
+    for url in source.urls:
+        with fsspec.open(url, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            columns = [image_col] + ([label_col] if labels else []) + ([key_field] if key_field else [])
+            for col in columns:
+                if col not in names:
+                    raise UEDatasetsError(f"{url}: no column {col!r} (columns: {names})")
+            offset = 0
+            for batch in parquet.iter_batches(batch_size=256, columns=columns):
+                rows = batch.to_pydict()
+                for i, image in enumerate(rows[image_col]):
+                    key = str(rows[key_field][i]) if key_field else str(offset + i)
+                    data = image["bytes"] if isinstance(image, dict) else image
+                    if data is None:
+                        raise SampleError(url, key, "image has no bytes")
+                    yield Record(url, key, data, rows[label_col][i] if labels else None)
+                offset += batch.num_rows
