@@ -87,6 +87,14 @@ def test_stored_and_recomputed_assignments_agree(fitted):
     assert len(set(stored)) == 3  # the three colour groups
 
 
+def test_minibatch_kmeans_mode_finds_the_same_groups(fitted):
+    p = fit_clusters(fitted["shard"], parse_encoder(fitted["spec"], size=16), clusters=3, epochs=1, batch_size=8,
+                     resolution=8, kmeans_mode="minibatch", device="cpu", progress=False)
+    a, b = p.tensors["assignments"].tolist(), fitted["protection"].tensors["assignments"].tolist()
+    assert len(set(zip(a, b))) == 3  # the same partition, up to cluster numbering
+    assert p.params["kmeans_mode"] == "minibatch"
+
+
 def test_a_key_naming_another_image_is_assigned_by_its_pixels(fitted):
     p = fitted["protection"]
     table = fitted_table(p)
@@ -189,6 +197,37 @@ def test_faithful_mode_trains_one_bounded_generator_per_cluster(fitted):
     assert d.shape == (2, 3, 8, 8) and float(d.abs().max()) <= EPS + 1e-7
     assert not torch.equal(d[0], d[1])
     assert p.params["mode"] == "faithful" and p.params["epochs"] == 1
+
+
+def test_fast_fit_resumes_from_its_checkpoint_and_cleans_only_its_own_files(fitted, tmp_path):
+    from ue_datasets.fit import clusters as fc
+
+    spec = parse_encoder(fitted["spec"], size=16)
+    kw = {"clusters": 3, "batch_size": 8, "resolution": 8, "device": "cpu", "progress": False}
+    reference = fit_clusters(fitted["shard"], spec, epochs=3, cache_dir=tmp_path / "ref", **kw)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "mine.txt").write_text("not the fit's")
+    real, calls = fc.kl_to_center, {"n": 0}
+
+    def interrupted(z, center):
+        calls["n"] += 1
+        if calls["n"] == 7:  # in the third epoch (3 batches an epoch)
+            raise KeyboardInterrupt
+        return real(z, center)
+
+    fc.kl_to_center = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit_clusters(fitted["shard"], spec, epochs=3, cache_dir=cache, **kw)
+    finally:
+        fc.kl_to_center = real
+    assert (cache / "deltas-fast.safetensors").exists()
+    resumed = fit_clusters(fitted["shard"], spec, epochs=3, cache_dir=cache, **kw)
+    assert torch.equal(resumed.tensors["deltas"], reference.tensors["deltas"])
+    assert sorted(p.name for p in cache.iterdir()) == ["mine.txt"]
+    other_eps = fit_clusters(fitted["shard"], spec, epochs=3, eps=4 / 255, cache_dir=cache, keep_cache=True, **kw)
+    assert float(other_eps.tensors["deltas"].abs().max()) <= 4 / 255 + 1e-7  # a stale checkpoint is not reused
 
 
 def test_grayscale_data_gets_one_channel_deltas(tmp_path):

@@ -6,6 +6,7 @@ they give the same pixels as the ``datasets.map`` function and the shard rewrite
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +42,16 @@ def default_labels_getter(inputs: Any) -> Any:
 
 def _as_protection(protection: Protection | str | os.PathLike) -> Protection:
     return protection if isinstance(protection, Protection) else load_protection(protection)
+
+
+def _keys(keys: Any) -> list[str]:
+    """Sample keys as strings, as the other adapters write them: ``3``, ``torch.tensor(3)``,
+    ``np.int64(3)`` and ``"3"`` all give ``"3"``; tensors and arrays give one key per element."""
+    if hasattr(keys, "tolist"):  # tensors and numpy values
+        keys = keys.tolist()
+    if isinstance(keys, (str, numbers.Integral)):
+        return [str(keys)]
+    return [str(k.tolist() if hasattr(k, "tolist") else k) for k in keys]
 
 
 class Protect(v2.Transform):
@@ -92,8 +103,7 @@ class Protect(v2.Transform):
         if needs_keys(self.protection) and self.keys_getter is None:
             raise UEDatasetsError("this protection covers a fraction of samples: give keys_getter=...")
         if uses_keys(self.protection) and self.keys_getter is not None:
-            keys = self.keys_getter(inputs)
-            out["keys"] = [str(keys)] if isinstance(keys, (str, int)) else [str(k) for k in keys]
+            out["keys"] = _keys(self.keys_getter(inputs))
         return out
 
     def _protect(self, image: Any, conditions: dict[str, Any]) -> Any:

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="column of stable sample keys for datasets and parquet (default: row index), as for protect")
     uc.add_argument("--limit", type=_positive, default=None, help="fit on the first N samples only")
     uc.add_argument("--seed", type=int, default=0, help="seed of k-means and of the perturbation training")
+    uc.add_argument("--kmeans", choices=("full", "minibatch"), default="full",
+                    help="k-means on all features at once, or mini-batch k-means streamed from the feature cache "
+                         "(for feature sets larger than memory)")
     uc.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     uc.add_argument("--cache", default=None, metavar="DIR",
                     help="feature cache and checkpoints (default: OUTPUT.cache); rerun to resume")
@@ -230,20 +233,23 @@ def _fit_clusters(args: argparse.Namespace) -> int:
 
     from .artifact import ArtifactError
     from .encoders import parse_encoder
-    from .fit.clusters import fit_clusters
+    from .fit.clusters import fit_clusters, remove_cache
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ArtifactError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    cache = args.cache or f"{str(out).rstrip('/')}.cache"
     spec = parse_encoder(args.encoder, size=args.image_size, mean=_triple(args.mean, "mean"),
                          std=_triple(args.std, "std"))
     protection = fit_clusters(
         args.input, spec, clusters=args.clusters, eps=args.eps, mode=args.mode, cluster_data=args.cluster_data,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, resolution=args.resolution, seed=args.seed,
-        device=args.device, cache_dir=args.cache or f"{str(out).rstrip('/')}.cache", keep_cache=args.keep_cache,
-        image_field=args.image_field, key_field=args.key_field, limit=args.limit, progress=not args.no_progress,
+        kmeans_mode=args.kmeans, device=args.device, cache_dir=cache, keep_cache=True, image_field=args.image_field,
+        key_field=args.key_field, limit=args.limit, progress=not args.no_progress,
     )
     protection.save(out, overwrite=args.overwrite)
+    if not args.keep_cache:  # only once the artifact is safely written
+        remove_cache(cache)
     p = protection.params
     print(f"fitted clusters: {p['samples']} images in {p['num_clusters']} clusters (sizes {p['cluster_sizes']}), "
           f"eps {p['eps'] * 255:.1f}/255, {p['mode']} mode -> {out} (id {protection.id})")

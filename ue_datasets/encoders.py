@@ -177,7 +177,7 @@ def _import_open_clip():
     try:
         import open_clip
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise EncoderError("open_clip encoders need open_clip_torch: pip install 'ue-datasets[clip]'") from e
+        raise EncoderError("open_clip encoders need open_clip_torch: pip install open_clip_torch") from e
     return open_clip
 
 

@@ -12,11 +12,12 @@ size with nearest-neighbour interpolation (``F.interpolate(mode="nearest")``, th
 ``resize_type: noise``), which keeps every value of delta and so the L-inf bound. A one-channel delta
 is used on every colour channel; a three-channel delta on a grayscale image is averaged over its
 channels. Then ``x~ = clamp(x / 255 + delta, 0, 1)`` is quantised rounding half up, as the
-reference's ``save_image`` does: ``|x~ - x| <= round(255 * eps)`` grey levels.
+reference's ``save_image`` does: ``|x~ - x| <= floor(255 * eps + 0.5)`` grey levels.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 from collections.abc import Sequence
@@ -81,33 +82,58 @@ def fitted_table(protection: Protection) -> dict[str, tuple[int, tuple[int, int]
 def set_encoder(protection: Protection, encoder: Any) -> None:
     """Use ``encoder`` (an `ue_datasets.encoders.Encoder`) for ``protection`` in this process.
 
-    Needed only for protections fitted with a Python callable as encoder, which an artifact cannot
-    hold; other encoders are rebuilt from the artifact's encoder spec.
+    Needed for protections fitted with a Python callable as encoder, which an artifact cannot hold
+    (other encoders are rebuilt from the artifact's spec). The encoder's weights digest must match the
+    one recorded at fit time when both are known. Spawned worker processes (``--workers``) do not see
+    it: protect with one worker, or only fitted samples, which need no encoder.
     """
+    recorded = protection.params.get("encoder", {}).get("weights_digest")
+    given = getattr(encoder.spec, "weights_digest", None)
+    if recorded and given and recorded != given:
+        raise UEDatasetsError(f"encoder weights {given} differ from the ones the protection was fitted with ({recorded})")
     with _LOCK:
+        for key in [k for k in _ENCODERS if k[0] == protection.id]:
+            del _ENCODERS[key]
         _ENCODERS[(protection.id, "*")] = encoder
 
 
-def encoder_for(protection: Protection, device: torch.device) -> Any:
-    """The protection's surrogate encoder on ``device``, loaded (and its weights checked) once."""
-    from ..encoders import EncoderSpec, load_encoder
+def _load(protection: Protection, device: torch.device) -> Any:
+    from ..encoders import EncoderError, EncoderSpec, load_encoder
 
+    given = _ENCODERS.get((protection.id, "*"))
+    if given is not None:
+        return copy.deepcopy(given).to(device)
+    spec = EncoderSpec.from_json(protection.params["encoder"])
+    if spec.kind == "callable":
+        raise UEDatasetsError(
+            f"this protection was fitted with a Python callable as encoder ({spec.name}); new images need it to "
+            "find their cluster: call ue_datasets.apply.clusters.set_encoder(protection, encoder) first "
+            "(samples fitted with it are protected without it)"
+        )
+    try:
+        return load_encoder(spec, device)
+    except EncoderError as e:
+        raise UEDatasetsError(
+            f"new images need the protection's surrogate encoder to find their cluster, and it cannot be loaded: {e}. "
+            "Make the weights reachable where the artifact says, or load them and call "
+            "ue_datasets.apply.clusters.set_encoder(protection, encoder); fitted samples need no encoder"
+        ) from None
+
+
+def encoder_for(protection: Protection, device: torch.device) -> Any:
+    """The protection's surrogate encoder on ``device``, loaded (and its weights checked) once per process.
+
+    Loaded outside the lock, so a slow load never blocks other protections' lookups; a concurrent
+    first use may load twice and keep one.
+    """
+    key = (protection.id, str(device))
     with _LOCK:
-        key = (protection.id, str(device))
-        if key not in _ENCODERS:
-            given = _ENCODERS.get((protection.id, "*"))
-            if given is not None:
-                _ENCODERS[key] = given.to(device)
-            else:
-                spec = EncoderSpec.from_json(protection.params["encoder"])
-                if spec.kind == "callable":
-                    raise UEDatasetsError(
-                        f"this protection was fitted with a Python callable as encoder ({spec.name}); new images "
-                        "need it to find their cluster: call ue_datasets.apply.clusters.set_encoder(protection, "
-                        "encoder) first (samples fitted with it are protected without it)"
-                    )
-                _ENCODERS[key] = load_encoder(spec, device)
-        return _ENCODERS[key]
+        found = _ENCODERS.get(key)
+    if found is None:
+        found = _load(protection, device)
+        with _LOCK:
+            found = _ENCODERS.setdefault(key, found)
+    return found
 
 
 def assign_clusters(protection: Protection, x: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:

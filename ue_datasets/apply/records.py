@@ -3,8 +3,9 @@
 Used wherever a stage needs the samples themselves rather than rewritten shards: fitting a protection
 from data (features for Unlearnable Clusters) and loading data for the audit. Sample keys follow the
 adapters' conventions, so a key seen at fit time is the key the same sample has when it is protected:
-``__key__`` for webdataset shards; the key column when one is named, else the row index (within the
-file for parquet, within the split for a ``save_to_disk`` dataset).
+``__key__`` for webdataset shards; the key column when one is named (for a ``save_to_disk`` dataset,
+else its ``__key__`` column when it has one), else the row index (within the file for parquet, within
+the split for a dataset).
 
 No field is ever unpickled; only the image (and, when asked for, the label) of each sample is read.
 """
@@ -89,11 +90,12 @@ def iter_records(
             for col in [image_col] + ([label_col] if labels else []) + ([key_field] if key_field else []):
                 if col not in part.column_names:
                     raise UEDatasetsError(f"{name}: no column {col!r} (columns: {part.column_names})")
-            part = part.select_columns([c for c in (image_col, label_col if labels else None, key_field) if c])
             if isinstance(part.features.get(image_col), datasets.Image):
                 part = part.cast_column(image_col, datasets.Image(decode=False))
+            column = key_field or ("__key__" if "__key__" in part.column_names else None)
+            part = part.select_columns([c for c in (image_col, label_col if labels else None, column) if c])
             for i, row in enumerate(part):
-                key = str(row[key_field]) if key_field else str(i)
+                key = str(row[column]) if column else str(i)
                 image = row[image_col]
                 try:
                     data = image if not isinstance(image, dict) else (

@@ -25,10 +25,21 @@ Two ways to get the deltas:
 code, whose generators all train on the whole set) or ``"members"`` (only cluster k's images, the
 reading of the paper's figure). ``"all"`` is the default, to match the code that produced the
 paper's numbers.
+
+Deviations from the reference, on purpose: features use the encoder's own preprocessing (open_clip:
+its config, bicubic shorter-side resize and center crop; the reference resizes to 256 and crops 224,
+bilinear); k-means runs once from greedy k-means++ (``n_init=1``; the reference's scikit-learn of the
+time ran 10 inits); the perturbation is trained on copies of the images squashed to R x R (the
+aspect ratio is not kept, because apply stretches ``delta`` over the whole image) rather than on
+Resize(256) crops of the originals; generators and deltas are seeded per cluster. The R x R copies of
+all images are held in memory during the perturbation stage (N x C x R x R bytes: use ``limit`` or a
+smaller ``resolution`` for very large sets); features can be clustered part by part
+(``kmeans_mode="minibatch"``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -47,11 +58,13 @@ from ..apply.clusters import encode_keys
 from ..apply.core import resolve_device
 from ..artifact import Protection
 from ..errors import UEDatasetsError
-from .features import FeatureSet, extract_features
+from .features import FeatureSet, extract_features, iter_features
 from .generator import ResnetGenerator
-from .kmeans import kmeans
+from .kmeans import kmeans, minibatch_kmeans
 
 MODES = ("fast", "faithful")
+KMEANS = ("full", "minibatch")
+CHECKPOINT = "deltas-*.safetensors"
 CLUSTER_DATA = ("all", "members")
 DEFAULT_EPOCHS = {"faithful": 50, "fast": 10}
 DEFAULT_LR = {"faithful": 1e-4, "fast": 0.1}
@@ -105,10 +118,10 @@ def _train_images(data: FeatureSet, assignments: torch.Tensor, k: int | None) ->
 
 def _faithful(encoder, data: FeatureSet, centers: torch.Tensor, assignments: torch.Tensor, *, eps: float,
               epochs: int, lr: float, batch_size: int, cluster_data: str, seed: int, device: torch.device,
-              checkpoint: Path, progress: bool) -> torch.Tensor:
+              checkpoint: Path, settings: dict[str, Any], progress: bool) -> torch.Tensor:
     """One generator per cluster (see the module docstring). Resumes cluster by cluster."""
     K, C, R = centers.shape[0], data.images.shape[1], data.images.shape[-1]
-    deltas = _load_checkpoint(checkpoint, (K, C, R, R))
+    deltas = _load_checkpoint(checkpoint, settings)
     done = int(deltas.pop("done")) if "done" in deltas else 0
     out = deltas.get("deltas", torch.zeros(K, C, R, R))
     for k in range(done, K):
@@ -119,13 +132,15 @@ def _faithful(encoder, data: FeatureSet, centers: torch.Tensor, assignments: tor
         sigma = torch.rand(1, 3, R, R, generator=g).to(device)
         target = centers[(k + 1) % K].to(device)
         images = _train_images(data, assignments, k if cluster_data == "members" else None)
+        if not len(images):
+            warnings.warn(f"cluster {k} has no members: its generator is not trained", stacklevel=2)
         steps = epochs * math.ceil(len(images) / batch_size)
         opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=1e-6)
         bar = tqdm(total=steps, desc=f"generator {k + 1}/{K}", disable=not progress)
         for _ in range(epochs):
             for i in range(0, len(images), batch_size):
-                x = _augment(images[i : i + batch_size].float().div(255), g).to(device)
+                x = _augment(images[i : i + batch_size].to(device).float().div(255), g)
                 delta = net(sigma).clamp(-eps, eps)
                 loss = kl_to_center(encoder(torch.clamp(x + delta, 0, 1)), target).mean()
                 opt.zero_grad(set_to_none=True)
@@ -137,17 +152,17 @@ def _faithful(encoder, data: FeatureSet, centers: torch.Tensor, assignments: tor
         bar.close()
         with torch.no_grad():  # train-mode batch norm, as the reference
             out[k] = net(sigma).clamp(-eps, eps)[0].cpu()
-        _save_checkpoint(checkpoint, {"deltas": out, "done": torch.tensor(k + 1)})
+        _save_checkpoint(checkpoint, {"deltas": out, "done": torch.tensor(k + 1)}, settings)
     return out
 
 
 def _fast(encoder, data: FeatureSet, centers: torch.Tensor, assignments: torch.Tensor, *, eps: float,
           epochs: int, lr: float, batch_size: int, cluster_data: str, seed: int, device: torch.device,
-          checkpoint: Path, progress: bool) -> torch.Tensor:
+          checkpoint: Path, settings: dict[str, Any], progress: bool) -> torch.Tensor:
     """All K deltas at once by signed gradient steps (see the module docstring). Resumes by epoch."""
     K, C, R = centers.shape[0], data.images.shape[1], data.images.shape[-1]
     g = torch.Generator().manual_seed(seed)
-    state = _load_checkpoint(checkpoint, (K, C, R, R))
+    state = _load_checkpoint(checkpoint, settings)
     start = int(state["done"]) if "done" in state else 0
     delta = state["deltas"] if "deltas" in state else (torch.rand(K, C, R, R, generator=g) * 2 - 1) * eps
     delta = delta.to(device).requires_grad_(True)
@@ -161,7 +176,7 @@ def _fast(encoder, data: FeatureSet, centers: torch.Tensor, assignments: torch.T
         step = lr * eps * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
-            x = _augment(data.images[idx].float().div(255), ge).to(device)
+            x = _augment(data.images[idx].to(device).float().div(255), ge)
             r = assignments[idx] if cluster_data == "members" else torch.randint(0, K, (len(idx),), generator=ge)
             r = r.to(device)
             loss = kl_to_center(encoder(torch.clamp(x + delta[r], 0, 1)), centers[(r + 1) % K]).mean()
@@ -171,28 +186,39 @@ def _fast(encoder, data: FeatureSet, centers: torch.Tensor, assignments: torch.T
                 delta.clamp_(-eps, eps)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3g}")
-        _save_checkpoint(checkpoint, {"deltas": delta.detach().cpu(), "done": torch.tensor(epoch + 1)})
+        _save_checkpoint(checkpoint, {"deltas": delta.detach().cpu(), "done": torch.tensor(epoch + 1)}, settings)
     bar.close()
     return delta.detach().cpu()
 
 
-def _load_checkpoint(path: Path, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _load_checkpoint(path: Path, settings: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A checkpoint of this very training (same settings and centers), else nothing."""
+    from safetensors import safe_open
 
     if not path.exists():
         return {}
-    state = load_file(path)
-    if tuple(state["deltas"].shape) != shape:
-        return {}
-    return state
+    with safe_open(path, framework="pt") as f:
+        if (f.metadata() or {}).get("settings") != json.dumps(settings, sort_keys=True):
+            return {}
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def _save_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
+def _save_checkpoint(path: Path, state: dict[str, torch.Tensor], settings: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_suffix(".partial")
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"settings": json.dumps(settings, sort_keys=True)})
     os.replace(tmp, path)
+
+
+def remove_cache(cache: str | os.PathLike) -> None:
+    """Remove what a fit wrote into ``cache`` (features, checkpoints); the folder only if then empty."""
+    cache = Path(cache)
+    shutil.rmtree(cache / "features", ignore_errors=True)
+    for f in cache.glob(CHECKPOINT):
+        f.unlink()
+    if cache.is_dir() and not any(cache.iterdir()):
+        cache.rmdir()
 
 
 def fit_clusters(
@@ -208,6 +234,7 @@ def fit_clusters(
     batch_size: int = 256,
     resolution: int | None = None,
     seed: int = 0,
+    kmeans_mode: str = "full",
     device: str | torch.device = "auto",
     cache_dir: str | os.PathLike | None = None,
     keep_cache: bool = False,
@@ -231,10 +258,13 @@ def fit_clusters(
         lr: generator learning rate (faithful, 1e-4) or signed step as a fraction of eps (fast, 0.1,
             cosine-decayed over the epochs).
         resolution: side R of the stored deltas; default the encoder's input size. A multiple of 4.
+        kmeans_mode: ``"full"`` (Lloyd on all features at once) or ``"minibatch"`` (Sculley's mini-batch
+            k-means streamed part by part from the feature cache, for feature sets larger than memory).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
         cache_dir: where features and checkpoints go (default: a temporary directory, removed after
             the fit); give one to resume an interrupted fit.
-        keep_cache: keep ``cache_dir`` after a successful fit.
+        keep_cache: keep what the fit wrote in ``cache_dir`` after it succeeds (`remove_cache` removes
+            it, and nothing else, later).
         image_field, key_field: as for ``protect``; keys must be the ones used when protecting.
         limit: fit on the first ``limit`` samples only.
 
@@ -249,8 +279,12 @@ def fit_clusters(
         raise UEDatasetsError(f"mode must be one of {MODES}, got {mode!r}")
     if cluster_data not in CLUSTER_DATA:
         raise UEDatasetsError(f"cluster_data must be one of {CLUSTER_DATA}, got {cluster_data!r}")
-    if clusters < 1:
-        raise UEDatasetsError(f"clusters must be >= 1, got {clusters}")
+    if kmeans_mode not in KMEANS:
+        raise UEDatasetsError(f"kmeans_mode must be one of {KMEANS}, got {kmeans_mode!r}")
+    if clusters < 2:
+        raise UEDatasetsError(f"clusters must be >= 2 (each cluster is pushed towards the next one), got {clusters}")
+    if limit is not None and limit < clusters:
+        raise UEDatasetsError(f"limit {limit} leaves fewer samples than the {clusters} clusters")
     eps = parse_eps(eps)
     dev = resolve_device(device)
     enc = encoder.to(dev) if isinstance(encoder, Encoder) else load_encoder(encoder, dev)
@@ -267,17 +301,23 @@ def fit_clusters(
                                 key_field=key_field, batch_size=batch_size, limit=limit, progress=progress)
         if len(data) < clusters:
             raise UEDatasetsError(f"{src}: {len(data)} samples cannot make {clusters} clusters")
-        km = kmeans(data.features, clusters, seed=seed, device=dev, progress=progress)
+        if kmeans_mode == "full":
+            km = kmeans(data.features, clusters, seed=seed, device=dev, progress=progress)
+        else:
+            km = minibatch_kmeans(lambda: iter_features(cache / "features"), clusters, seed=seed, device=dev,
+                                  progress=progress)
         train = _faithful if mode == "faithful" else _fast
+        settings = {"mode": mode, "cluster_data": cluster_data, "eps": eps, "epochs": epochs, "lr": lr,
+                    "batch_size": batch_size, "seed": seed, "resolution": R,
+                    "centers": hashlib.sha256(km.centers.float().contiguous().numpy().tobytes()).hexdigest()}
         deltas = train(enc, data, km.centers, km.assignments, eps=eps, epochs=epochs, lr=lr, batch_size=batch_size,
-                       cluster_data=cluster_data, seed=seed, device=dev,
-                       checkpoint=cache / f"deltas-{mode}-{cluster_data}-{epochs}-{clusters}-{seed}.safetensors",
-                       progress=progress)
+                       cluster_data=cluster_data, seed=seed, device=dev, checkpoint=cache / f"deltas-{mode}.safetensors",
+                       settings=settings, progress=progress)
     finally:
         if temporary:
             shutil.rmtree(cache, ignore_errors=True)
     if not temporary and not keep_cache:
-        shutil.rmtree(cache, ignore_errors=True)
+        remove_cache(cache)
     counts = Counter(data.keys)
     unique = torch.tensor([counts[k] == 1 for k in data.keys], dtype=torch.bool)
     if not bool(unique.all()):
@@ -291,7 +331,7 @@ def fit_clusters(
     params = {
         "num_clusters": clusters, "eps": eps, "resolution": R, "channels": int(deltas.shape[1]),
         "mode": mode, "cluster_data": cluster_data, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-        "seed": seed, "samples": len(data), "encoder": enc.spec.to_json(),
+        "seed": seed, "kmeans_mode": kmeans_mode, "samples": len(data), "encoder": enc.spec.to_json(),
         "resize": "nearest", "rounding": "half-up",
         "cluster_sizes": torch.bincount(km.assignments, minlength=clusters).tolist(),
         "kmeans": {"inertia": km.inertia, "iterations": km.iterations},

@@ -144,15 +144,18 @@ def extract_features(
     """
     directory = Path(cache_dir)
     expected = {
-        "format": CACHE_FORMAT, "source": src, "encoder": encoder.spec.weights_digest or encoder.spec.name,
+        "format": CACHE_FORMAT, "source": src, "encoder": encoder.spec.to_json(),
         "resolution": resolution, "part_size": part_size, "image_field": image_field, "key_field": key_field,
         "limit": limit, "ue_datasets_version": __version__,
     }
     done = _check_manifest(directory, expected)
     records = iter_records(src, image_field=image_field, key_field=key_field)
-    skipped = 0
-    while skipped < done * part_size and next(records, None) is not None:  # complete parts: no decoding
-        skipped += 1
+    for index in range(done):  # complete parts: check their keys against the source, decode nothing
+        stored = _part_keys(directory / f"part-{index:05d}.safetensors")
+        seen = [r.key for _, r in zip(stored, records)]  # stored first: zip then takes no extra record
+        if seen != stored:
+            raise UEDatasetsError(f"{directory}: part {index} does not match {src} (the source changed?); "
+                                  "delete the cache to start over")
     n = done * part_size
     bar = tqdm(total=limit, initial=n, desc="features", unit="img", disable=not progress)
     keys: list[str] = []
@@ -192,6 +195,23 @@ def _flush(directory: Path, index: int, keys: list[str], feats: list[torch.Tenso
     del keys[:count], small[:count]
     feats[:] = [rest_f] if len(rest_f) else []
     sums[:] = [rest_s] if len(rest_s) else []
+
+
+def _part_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return json.loads(f.metadata()["keys"])
+
+
+def iter_features(cache_dir: str | os.PathLike, chunk: int = 4096) -> Iterator[torch.Tensor]:
+    """The cached features part by part, in chunks of at most ``chunk`` rows (float32 ``(b, D)``),
+    reading one part at a time: the stream `minibatch_kmeans` clusters without holding every feature."""
+    from safetensors import safe_open
+
+    for part in sorted(Path(cache_dir).glob("part-*.safetensors")):
+        with safe_open(part, framework="pt") as f:
+            yield from f.get_tensor("features").split(chunk)
 
 
 def load_features(cache_dir: str | os.PathLike) -> FeatureSet:
