@@ -60,7 +60,7 @@ def fitted(tmp_path_factory):
     (d / "in").mkdir()
     shard = write_shard(str(d / "in" / "s-000.tar"),
                         [{"__key__": k, "png": b, "cls": b"0"} for k, b in zip(keys, pngs)])
-    protection = fit_clusters(shard, parse_encoder(spec, size=16), clusters=3, epochs=2, batch_size=8,
+    protection = fit_clusters(shard, parse_encoder(spec, size=16), clusters=3, mode="fast", epochs=2, batch_size=8,
                               resolution=8, device="cpu", progress=False)
     protection.save(d / "prot")
     return {"dir": d, "shard": shard, "pngs": pngs, "keys": keys, "protection": protection, "spec": spec}
@@ -203,7 +203,7 @@ def test_fast_fit_resumes_from_its_checkpoint_and_cleans_only_its_own_files(fitt
     from ue_datasets.fit import clusters as fc
 
     spec = parse_encoder(fitted["spec"], size=16)
-    kw = {"clusters": 3, "batch_size": 8, "resolution": 8, "device": "cpu", "progress": False}
+    kw = {"clusters": 3, "batch_size": 8, "resolution": 8, "device": "cpu", "progress": False, "mode": "fast"}
     reference = fit_clusters(fitted["shard"], spec, epochs=3, cache_dir=tmp_path / "ref", **kw)
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -97,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     uc.add_argument("--encoder", required=True, metavar="SPEC", help="surrogate encoder (see above)")
     uc.add_argument("--clusters", type=_positive, default=10, metavar="K", help="number of clusters (reference: 10)")
     uc.add_argument("--eps", default="16/255", help="L-inf bound, a fraction such as 16/255 or a number")
-    uc.add_argument("--mode", choices=("fast", "faithful"), default="fast",
-                    help="fast: all deltas optimised directly in one pass (ours); faithful: one ResNet generator "
-                         "per cluster, as the reference code (K times the cost)")
+    uc.add_argument("--mode", choices=("faithful", "fast"), default="faithful",
+                    help="faithful: one ResNet generator per cluster, as the reference code; fast: all deltas "
+                         "optimised directly in the same pass (ours, K times cheaper per epoch)")
     uc.add_argument("--cluster-data", choices=("all", "members"), default="all",
                     help="images each delta trains on: all of them (reference code) or its cluster's members")
     uc.add_argument("--epochs", type=_positive, default=None,
