@@ -51,6 +51,18 @@ def shared_pool() -> ThreadPoolExecutor:
     return _POOL[1]
 
 
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items (the last one shorter), lazily."""
+    group: list[T] = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def _decode_item(protection: Protection, item: Item, labelled: bool) -> torch.Tensor:
     if labelled:
         reason = check_label(protection, item.label)

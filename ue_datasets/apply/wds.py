@@ -26,7 +26,7 @@ import fsspec
 from ..artifact import Protection
 from ..errors import SampleError, SourceError, UEDatasetsError
 from .core import needs_labels
-from .encoded import Item, protect_encoded_stream
+from .encoded import Item, batched, protect_encoded_stream
 from .images import IMAGE_EXTENSIONS
 from .shards import ShardOptions, ShardStats, atomic_write, check_not_empty, finish, run
 
@@ -168,17 +168,6 @@ def _prepare(sample: dict[str, Any], options: ShardOptions, labelled: bool, defa
         return SampleError(source, key, str(e))
 
 
-def _batches(samples: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    group: list[dict[str, Any]] = []
-    for s in samples:
-        group.append(s)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
 def protect_samples(
     protection: Protection,
     samples: Iterable[dict[str, Any]],
@@ -202,7 +191,7 @@ def protect_samples(
     labelled = needs_labels(protection)
 
     def prepared() -> Iterator[tuple[tuple[list, list], list[Item]]]:
-        for group in _batches(samples, options.batch_size):
+        for group in batched(samples, options.batch_size):
             preps = [_prepare(s, options, labelled, source) for s in group]
             yield (group, preps), [p[1] for p in preps if not isinstance(p, SampleError)]
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..apply.clusters import pixel_checksum
-from ..apply.encoded import shared_pool
+from ..apply.encoded import batched, shared_pool
 from ..apply.images import decode, normalize_mode, pil_to_tensor
 from ..apply.records import Record, iter_records
 from ..errors import SampleError, UEDatasetsError
@@ -68,17 +68,6 @@ def _squash(t: torch.Tensor, size: int) -> torch.Tensor:
         return t
     out = F.interpolate(t[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return out[0].round_().clamp_(0, 255).to(torch.uint8)
-
-
-def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
-    batch: list[Record] = []
-    for r in records:
-        batch.append(r)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _write_part(path: Path, keys: list[str], features: list[torch.Tensor], images: list[torch.Tensor],
@@ -164,7 +153,7 @@ def extract_features(
     sums: list[torch.Tensor] = []
     pool = shared_pool()
     try:
-        for batch in _batches(records, batch_size):
+        for batch in batched(records, batch_size):
             if limit is not None:
                 batch = batch[: max(0, limit - n)]
                 if not batch:
