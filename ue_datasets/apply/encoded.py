@@ -20,7 +20,7 @@ from PIL import Image
 from ..artifact import Protection
 from ..errors import SampleError, UEDatasetsError
 from .core import check_label, needs_labels, protect_batch
-from .images import PNG_LEVEL, decode, encode_png, normalize_mode, pil_to_tensor
+from .images import PNG_LEVEL, encode_png, image_tensor
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,7 @@ def _decode_item(protection: Protection, item: Item, labelled: bool) -> torch.Te
         reason = check_label(protection, item.label)
         if reason:
             raise UEDatasetsError(reason)
-    if isinstance(item.image, Image.Image):
-        return pil_to_tensor(normalize_mode(item.image))
-    if isinstance(item.image, (bytes, bytearray, memoryview)):
-        return pil_to_tensor(decode(bytes(item.image)))
-    raise UEDatasetsError(f"expected image bytes or a PIL image, got {type(item.image).__name__}")
+    return image_tensor(item.image)
 
 
 def protect_encoded_stream(

@@ -13,6 +13,7 @@ import io
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from ..errors import UEDatasetsError
@@ -78,6 +79,23 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def image_tensor(value: bytes | bytearray | memoryview | Image.Image) -> torch.Tensor:
+    """uint8 ``(C, H, W)`` of encoded bytes (`decode`) or a PIL image (`normalize_mode`), as every stage reads images."""
+    if isinstance(value, Image.Image):
+        return pil_to_tensor(normalize_mode(value))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return pil_to_tensor(decode(bytes(value)))
+    raise UEDatasetsError(f"expected image bytes or a PIL image, got {type(value).__name__}")
+
+
+def resize_square(t: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``(C, H, W)`` -> uint8 ``(C, size, size)``: bilinear with antialias, rounded; as is when already that size."""
+    if tuple(t.shape[-2:]) == (size, size):
+        return t
+    out = F.interpolate(t[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
 def tensor_to_pil(t: torch.Tensor) -> Image.Image:

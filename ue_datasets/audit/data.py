@@ -13,9 +13,8 @@ from collections.abc import Iterator
 from dataclasses import astuple, dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..apply.images import decode, normalize_mode, pil_to_tensor
+from ..apply.images import image_tensor, resize_square
 from ..apply.records import Record, iter_records
 from ..apply.sources import resolve
 from ..errors import SampleError, UEDatasetsError
@@ -83,13 +82,12 @@ def load_labelled(
         try:
             if isinstance(label, bool) or not isinstance(label, numbers.Integral):
                 raise UEDatasetsError(f"label {label!r} is not an integer")
-            t = pil_to_tensor(decode(data) if isinstance(data, (bytes, bytearray)) else normalize_mode(data))
+            t = image_tensor(data)
         except UEDatasetsError as e:
             raise SampleError(where, key, str(e)) from None
         t = t[:3] if t.shape[0] >= 3 else t[:1]  # drop alpha
-        if image_size is not None and tuple(t.shape[-2:]) != (image_size, image_size):
-            t = F.interpolate(t[None].float(), size=(image_size, image_size), mode="bilinear", antialias=True,
-                              align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        if image_size is not None:
+            t = resize_square(t, image_size)
         keys.append(key)
         images.append(t)
         labels.append(int(label))

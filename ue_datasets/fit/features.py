@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..apply.clusters import pixel_checksum
 from ..apply.encoded import batched, shared_pool
-from ..apply.images import decode, normalize_mode, pil_to_tensor
+from ..apply.images import image_tensor, resize_square
 from ..apply.records import Record, iter_records
 from ..errors import SampleError, UEDatasetsError
 from ..version import __version__
@@ -55,19 +54,10 @@ class FeatureSet:
 def _colour(record: Record) -> torch.Tensor:
     """The record's image as uint8 ``(C, H, W)``, C = 1 or 3 (alpha dropped), as the core sees it."""
     try:
-        image = record.image
-        t = pil_to_tensor(decode(bytes(image)) if isinstance(image, (bytes, bytearray, memoryview)) else normalize_mode(image))
+        t = image_tensor(record.image)
     except UEDatasetsError as e:
         raise SampleError(record.source, record.key, str(e)) from None
     return t[:3] if t.shape[0] >= 3 else t[:1]
-
-
-def _squash(t: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 ``(C, H, W)`` -> uint8 ``(C, size, size)``, bilinear with antialias, rounded."""
-    if tuple(t.shape[-2:]) == (size, size):
-        return t
-    out = F.interpolate(t[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _write_part(path: Path, keys: list[str], features: list[torch.Tensor], images: list[torch.Tensor],
@@ -161,7 +151,7 @@ def extract_features(
             images = list(pool.map(_colour, batch))
             feats.append(encoder.encode(images, batch_size=batch_size).float().cpu())
             sums.append(torch.cat([pixel_checksum(t[None]) for t in images]))
-            small.extend(_squash(t, resolution) for t in images)
+            small.extend(resize_square(t, resolution) for t in images)
             keys.extend(r.key for r in batch)
             n += len(batch)
             bar.update(len(batch))
