@@ -136,15 +136,19 @@ def test_missing_directory_fails(tmp_path):
         load_protection(tmp_path / "does-not-exist")
 
 
-def test_save_refuses_a_non_empty_directory_without_overwrite(tmp_path, protection, other_protection):
+def test_save_refuses_a_non_empty_directory_and_overwrite_replaces_only_an_artifact(tmp_path, protection,
+                                                                                    other_protection):
     out = tmp_path / "prot"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     with pytest.raises(ArtifactError, match="not empty"):
         protection.save(out)
+    with pytest.raises(ArtifactError, match="not a protection artifact"):
+        protection.save(out, overwrite=True)
     assert (out / "keep.txt").read_text() == "precious"
     assert not (out / MANIFEST).exists()
-    protection.save(out, overwrite=True)
+    (out / "keep.txt").unlink()
+    protection.save(out)
     assert load_protection(out).digest == protection.digest
     other_protection.save(out, overwrite=True)
     assert load_protection(out).digest == other_protection.digest

@@ -61,7 +61,7 @@ def test_tar_member_without_extension_is_ignored_and_costs_no_sample(tmp_path, p
 def test_output_folder_equal_to_input_folder_is_refused(tmp_path, protection):
     shard = write_shard(tmp_path / "a.tar", make_samples(2))
     before = (tmp_path / "a.tar").read_bytes()
-    with pytest.raises(UEDatasetsError, match="overwrite the input"):
+    with pytest.raises(UEDatasetsError, match="would overwrite it"):
         protect_shards(protection, [shard], str(tmp_path), ShardOptions(device="cpu"), progress=False)
     assert (tmp_path / "a.tar").read_bytes() == before
 

@@ -69,7 +69,8 @@ def test_rewritten_shards_keep_keys_order_and_other_fields_and_hold_protect_batc
                 assert b[field] == a[field]
             assert torch.equal(png_pixels(b["png"]), expected_pixels(protection, a))
             assert not torch.equal(png_pixels(b["png"]), to_chw(decode_display(a["jpg"]).convert("RGB")))
-        assert st["input"] == in_url and st["output"] == out_path(out_dir, in_url)
+        # Names, never paths of the protector's machine.
+        assert st["input"] == st["output"] == os.path.basename(in_url)
         assert (st["samples"], st["written"], st["protected"], st["skipped"]) == (5, 5, 5, [])
         assert st["resumed"] is False
         assert st["protection"] == {"method": "convolution", "id": protection.id}
@@ -108,7 +109,7 @@ def test_tar_gz_input_is_read_and_written_as_plain_tar(protection, tmp_path):
     gz = tmp_path / "shard.tar.gz"
     gz.write_bytes(gzip.compress(buf.getvalue()))
     stats = protect(protection, [gz], tmp_path / "out")
-    assert stats[0]["output"].endswith("/shard.tar")
+    assert stats[0]["input"] == stats[0]["output"] == "shard.tar"
     assert [s["__key__"] for s in read_tar(tmp_path / "out" / "shard.tar")] == [s["__key__"] for s in make_samples(3)]
 
 
@@ -121,7 +122,7 @@ def test_memory_urls_work_for_input_and_output(shards, protection, tmp_path):
         protect(protection, shards, tmp_path / "local")
         for in_url, local, st in zip(inputs, shards, stats):
             out_url = f"{root}/out/{os.path.basename(in_url)}"
-            assert st["output"] == out_url
+            assert st["output"] == os.path.basename(in_url)
             assert file_bytes(out_url) == file_bytes(out_path(tmp_path / "local", local))
             assert fs.exists(out_url[: -len(".tar")] + "_stats.json")
         again = protect(protection, inputs, f"{root}/out")
@@ -167,11 +168,11 @@ def test_interrupted_run_leaves_no_partial_shard_and_resumes_to_identical_bytes(
     real = uewds.protect_encoded_stream
     calls = []
 
-    def interrupted(protection, batches, source, *rest):
+    def interrupted(protection, batches, source, *rest, **kwargs):
         calls.append(source)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(protection, batches, source, *rest)
+        return real(protection, batches, source, *rest, **kwargs)
 
     out_dir = tmp_path / "out"
     monkeypatch.setattr(uewds, "protect_encoded_stream", interrupted)
@@ -210,7 +211,7 @@ def test_two_worker_processes_give_the_same_bytes_as_one(shards, protection, tmp
     two = protect(protection, shards, tmp_path / "w2", workers=2)
     for in_url in shards:
         assert file_bytes(out_path(tmp_path / "w1", in_url)) == file_bytes(out_path(tmp_path / "w2", in_url))
-    strip = lambda s: {k: v for k, v in s.items() if k not in ("seconds", "output")}  # noqa: E731
+    strip = lambda s: {k: v for k, v in s.items() if k != "seconds"}  # noqa: E731
     assert [strip(s) for s in one] == [strip(s) for s in two]
 
 

@@ -108,8 +108,13 @@ class Protection:
         from safetensors.torch import save_file
 
         out = Path(directory)
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise ArtifactError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        if out.exists() and any(out.iterdir()):
+            if not overwrite:
+                raise ArtifactError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+            others = sorted(p.name for p in out.iterdir() if p.name not in (TENSORS, MANIFEST))
+            if others or not (out / MANIFEST).is_file():
+                raise ArtifactError(f"{out}: is not a protection artifact ({', '.join(others) or 'no manifest'}); "
+                                    "nothing in it is replaced: choose another directory")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         try:

@@ -11,6 +11,10 @@ from typing import Any
 from .errors import UEDatasetsError
 from .version import __version__
 
+#: Kept equal to `ue_datasets.apply.images.DEFAULT_MAX_PIXELS` (a test checks it) so that `--help`
+#: does not import the image stack.
+DEFAULT_MAX_PIXELS = 100_000_000
+
 EPILOG = """\
 The flow: `fit` computes a protection and saves it as an artifact directory (keep it secret: it can
 regenerate the protection); `protect` applies it to a dataset; `inspect` shows what an artifact is.
@@ -158,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="on a bad sample: stop with an error, or leave it out and record it in the stats")
     protect.add_argument("--png-level", type=int, choices=range(0, 10), default=1, metavar="0-9",
                          help="PNG compression level (lossless at any level; 1 is fastest)")
+    protect.add_argument("--keep-field", action="append", default=[], metavar="FIELD",
+                         help="a field/column that holds images but is published unprotected (a segmentation "
+                              "mask, say); repeat for several. Every other image is protected or its sample fails")
+    protect.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, metavar="N",
+                         help="refuse images that declare more than N pixels (width x height), before decoding")
     protect.add_argument("--overwrite", action="store_true", help="redo outputs completed earlier")
     protect.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -300,6 +309,8 @@ def _protect(args: argparse.Namespace) -> int:
         device=args.device,
         on_error=args.on_error,
         png_level=args.png_level,
+        keep_fields=tuple(args.keep_field),
+        max_pixels=args.max_pixels,
     )
     start = time.perf_counter()
     source, stats = protect_source(protection, args.input, args.output, options, args.workers, args.overwrite,
@@ -359,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except UEDatasetsError as e:
-        print(f"ue-datasets: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, always
+        print(f"ue-datasets: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ue-datasets: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from .apply.images import decode, pil_to_tensor
 from .apply.shards import ShardOptions
 from .apply.wds import protect_shards, read_samples
+from .errors import SampleError
 from .fit import fit_convolution
 
 DEMO_SHARD = "fashion-mnist-demo.tar"
@@ -31,6 +32,8 @@ def _by_class(path: Path, per_class: int) -> dict[int, list[torch.Tensor]]:
     picked: dict[int, list[torch.Tensor]] = {}
     with open(path, "rb") as f:
         for sample in read_samples(f, str(path)):
+            if isinstance(sample, SampleError):
+                raise sample
             c = int(sample["cls"])
             if len(picked.setdefault(c, [])) < per_class:
                 picked[c].append(pil_to_tensor(decode(sample["png"])))
@@ -72,11 +75,12 @@ def run_demo(output: str | Path = "ue-datasets-demo", key: int = 0, progress: bo
     stats = protect_shards(
         protection, [str(shard)], str(out / "shards"), ShardOptions(device="cpu"), overwrite=True, progress=progress
     )[0]
-    grid = before_after_grid(shard, Path(stats["output"]), out / "before_after.png")
+    protected = out / "shards" / stats["output"]
+    grid = before_after_grid(shard, protected, out / "before_after.png")
     return {
         "protection": protection_dir,
-        "shard": Path(stats["output"]),
-        "stats": Path(stats["output"]).with_name(Path(stats["output"]).stem + "_stats.json"),
+        "shard": protected,
+        "stats": protected.with_name(protected.stem + "_stats.json"),
         "grid": grid,
         "shard_stats": stats,
     }

@@ -24,6 +24,9 @@ class SampleError(UEDatasetsError):
         self.source, self.key, self.reason = str(source), str(key), reason
         super().__init__(f"{self.source}: sample {self.key!r}: {reason}")
 
+    def __reduce__(self):
+        return (SampleError, (self.source, self.key, self.reason))
+
 
 class SourceError(UEDatasetsError):
     """A whole input (shard, file, dataset directory) is unreadable or empty."""
@@ -31,3 +34,17 @@ class SourceError(UEDatasetsError):
     def __init__(self, source: str, reason: str):
         self.source, self.reason = str(source), reason
         super().__init__(f"{self.source}: {reason}")
+
+    def __reduce__(self):
+        return (SourceError, (self.source, self.reason))
+
+
+class OutputError(UEDatasetsError):
+    """An output cannot be written (disk full, read-only, no permission); nothing is left under its name."""
+
+    def __init__(self, output: str, reason: str):
+        self.output, self.reason = str(output), reason
+        super().__init__(f"{self.output}: {reason}")
+
+    def __reduce__(self):
+        return (OutputError, (self.output, self.reason))

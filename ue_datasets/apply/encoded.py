@@ -20,18 +20,20 @@ from PIL import Image
 from ..artifact import Protection
 from ..errors import SampleError, UEDatasetsError
 from .core import check_label, needs_labels, protect_batch
-from .images import PNG_LEVEL, encode_png, image_tensor
+from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL, Decoded, decode_with_profile, encode_png, image_tensor
 
 
 @dataclass(frozen=True)
 class Item:
-    """One sample to protect: its key, its image (encoded bytes or PIL), its label (or None), and the
-    shard or file it comes from when that differs from the batch's source."""
+    """One image to protect: its sample's key, the image (encoded bytes or PIL), the label (or None),
+    the shard or file it comes from when that differs from the batch's source, and the field that
+    holds it (named in errors)."""
 
     key: str
     image: bytes | Image.Image
     label: Any = None
     source: str | None = None
+    field: str | None = None
 
 
 T = TypeVar("T")
@@ -63,12 +65,17 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield group
 
 
-def _decode_item(protection: Protection, item: Item, labelled: bool) -> torch.Tensor:
+def _decode_item(protection: Protection, item: Item, labelled: bool, max_pixels: int) -> Decoded:
     if labelled:
         reason = check_label(protection, item.label)
         if reason:
             raise UEDatasetsError(reason)
-    return image_tensor(item.image)
+    try:
+        if isinstance(item.image, (bytes, bytearray, memoryview)):
+            return decode_with_profile(bytes(item.image), max_pixels)
+        return Decoded(image_tensor(item.image))
+    except UEDatasetsError as e:
+        raise UEDatasetsError(f"image field {item.field!r}: {e}" if item.field else str(e)) from None
 
 
 def protect_encoded_stream(
@@ -78,6 +85,7 @@ def protect_encoded_stream(
     device: torch.device | str | None = None,
     png_level: int = PNG_LEVEL,
     pool: Executor | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[tuple[T, list[bytes | SampleError]]]:
     """Protect a stream of batches, overlapping the tensor core with decoding and encoding.
 
@@ -88,6 +96,7 @@ def protect_encoded_stream(
     Args:
         batches: ``(payload, items)`` pairs; the payload (the caller's samples, rows...) is passed
             back with the results of its items.
+        max_pixels: images that declare more pixels are refused before decoding.
 
     Yields:
         ``(payload, results)`` in input order, one PNG or `SampleError` per item.
@@ -95,9 +104,9 @@ def protect_encoded_stream(
     pool = pool or shared_pool()
     labelled = needs_labels(protection)
 
-    def load(item: Item) -> torch.Tensor | SampleError:
+    def load(item: Item) -> Decoded | SampleError:
         try:
-            return _decode_item(protection, item, labelled)
+            return _decode_item(protection, item, labelled, max_pixels)
         except UEDatasetsError as e:
             return SampleError(item.source or source, item.key, str(e))
 
@@ -110,13 +119,13 @@ def protect_encoded_stream(
         if ok:
             protected = protect_batch(
                 protection,
-                [results[i] for i in ok],
+                [results[i].pixels for i in ok],
                 labels=[int(items[i].label) for i in ok] if labelled else None,
                 keys=[items[i].key for i in ok],
                 device=device,
             )
             for i, t in zip(ok, protected):
-                results[i] = pool.submit(encode_png, t, png_level)
+                results[i] = pool.submit(encode_png, t, png_level, results[i].icc_profile)
         return payload, results
 
     def finish(payload: T, results: list[Any]) -> tuple[T, list[bytes | SampleError]]:
@@ -140,6 +149,7 @@ def protect_encoded(
     device: torch.device | str | None = None,
     png_level: int = PNG_LEVEL,
     pool: Executor | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[bytes | SampleError]:
     """Protect one batch of encoded images; one PNG (or the reason it failed) per item, in order.
 
@@ -150,7 +160,9 @@ def protect_encoded(
         device: where the core computes (``"auto"``: CUDA when available).
         png_level: zlib level of the written PNG (lossless at any level).
         pool: executor for decode and encode; the shared thread pool by default.
+        max_pixels: images that declare more pixels are refused before decoding.
     """
-    for _, results in protect_encoded_stream(protection, [(None, items)], source, device, png_level, pool):
+    for _, results in protect_encoded_stream(protection, [(None, items)], source, device, png_level, pool,
+                                             max_pixels):
         return results
     return []

@@ -10,9 +10,14 @@
 Images come back as new lossless PNG bytes (``{"bytes": ..., "path": None}``), so the ``Image`` feature
 is kept and the output never points at the original, unprotected file.
 
-Multi-GPU: with ``num_proc=N`` and ``with_rank=True`` each worker computes on ``cuda:{rank % count}``;
-CUDA must not be initialised in the parent, and the start method must be ``spawn``
+``num_proc=N`` works on CPU whatever ran before in the parent: a forked worker runs torch with one
+thread, so it never waits on the OpenMP pool of its parent (huggingface/datasets#5094). Multi-GPU: with
+``num_proc=N`` and ``with_rank=True`` each worker computes on ``cuda:{rank % count}``; CUDA must not be
+initialised in the parent, and the start method must be ``spawn``
 (``multiprocess.set_start_method("spawn")`` under ``if __name__ == "__main__":``).
+
+Every ``Image`` column is protected or refused: `protect_dataset` protects ``image_column`` and fails
+on another ``Image`` column unless it is listed in ``keep_columns``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,20 @@ from ..errors import SampleError, UEDatasetsError
 from ..version import __version__
 from .core import needs_labels
 from .encoded import Item, protect_encoded
-from .images import PNG_LEVEL
+from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
+
+
+#: The process that imported this module; a forked child inherits it, a spawned one imports anew.
+_IMPORTED_IN = os.getpid()
+
+
+def _single_thread_if_forked() -> None:
+    """In a forked process, run torch with one thread: the OpenMP pool of the parent did not survive
+    the fork, and the first parallel op would wait on it forever (huggingface/datasets#5094)."""
+    global _IMPORTED_IN
+    if os.getpid() != _IMPORTED_IN:
+        torch.set_num_threads(1)
+        _IMPORTED_IN = os.getpid()
 
 
 class ProtectMap:
@@ -50,6 +68,7 @@ class ProtectMap:
         png_level: zlib level of the written PNGs (lossless at any level).
         as_bytes: return raw PNG bytes instead of ``{"bytes", "path": None}`` (for binary columns).
         source: name used in error messages.
+        max_pixels: images that declare more pixels (width x height) are refused before decoding.
 
     Call: ``fn(batch: dict[str, list], indices: list[int] | None = None, rank: int | None = None)``.
     """
@@ -66,6 +85,7 @@ class ProtectMap:
         as_bytes: bool = False,
         source: str = "dataset",
         skipped: list[dict[str, str]] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         if on_error not in ("fail", "skip"):
             raise UEDatasetsError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
@@ -79,7 +99,7 @@ class ProtectMap:
             self.digest, self.protection_id = loaded.digest, loaded.id
         self.image_column, self.label_column, self.key_column = image_column, label_column, key_column
         self.device, self.on_error, self.png_level = device, on_error, png_level
-        self.as_bytes, self.source = as_bytes, source
+        self.as_bytes, self.source, self.max_pixels = as_bytes, source, max_pixels
         self.skipped: list[dict[str, str]] = [] if skipped is None else skipped
 
     def __getstate__(self) -> dict[str, Any]:
@@ -140,6 +160,7 @@ class ProtectMap:
         return value
 
     def __call__(self, batch: dict[str, list], indices: list[int] | None = None, rank: int | None = None) -> dict:
+        _single_thread_if_forked()
         protection = self.protection
         if self.image_column not in batch:
             raise UEDatasetsError(f"image column {self.image_column!r} not in the dataset (columns: {sorted(batch)})")
@@ -151,7 +172,8 @@ class ProtectMap:
         keys = self._keys(batch, indices, n)
         labels = batch[self.label_column] if labelled else [None] * n
         items = [Item(keys[i], self._image(images[i]), labels[i]) for i in range(n)]
-        results = protect_encoded(protection, items, self.source, self._device(rank), self.png_level)
+        results = protect_encoded(protection, items, self.source, self._device(rank), self.png_level,
+                                  max_pixels=self.max_pixels)
         keep = []
         for i, r in enumerate(results):
             if isinstance(r, SampleError):
@@ -186,6 +208,8 @@ def protect_dataset(
     writer_batch_size: int = 100,
     source: str = "dataset",
     skipped: list[dict[str, str]] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_columns: tuple[str, ...] | list[str] = (),
     **map_kwargs: Any,
 ) -> Any:
     """Protect the image column of a ``datasets`` dataset (map-style, streaming, or a dict of splits).
@@ -195,7 +219,8 @@ def protect_dataset(
     the input, the protection, the options and the package version are the same.
 
     With ``on_error="skip"`` bad rows are dropped and, when the map runs in this process, appended
-    to ``skipped`` as ``{"key", "reason"}``.
+    to ``skipped`` as ``{"key", "reason"}``. Another ``Image`` column fails unless it is named in
+    ``keep_columns`` (kept as it is); images declaring more than ``max_pixels`` pixels are refused.
 
     Returns:
         A dataset of the same kind with protected images (lazy for an ``IterableDataset``).
@@ -206,15 +231,22 @@ def protect_dataset(
         return type(dataset)({
             split: protect_dataset(d, protection, image_column, label_column, key_column, batch_size, device,
                                    num_proc, on_error, png_level, writer_batch_size, f"{source}[{split}]", skipped,
-                                   **map_kwargs)
+                                   max_pixels, keep_columns, **map_kwargs)
             for split, d in dataset.items()
         })
     features = dataset.features
+    others = [c for c, f in (features or {}).items()
+              if isinstance(f, datasets.Image) and c != image_column and c not in keep_columns]
+    if others:
+        raise UEDatasetsError(f"{source}: column(s) {', '.join(map(repr, others))} hold images too and would be "
+                              "published unprotected; protect them in another pass (image_column), or list them "
+                              "in keep_columns (--keep-field) to keep them as they are")
     if features is not None and isinstance(features.get(image_column), datasets.Image) and features[image_column].decode:
         # Decode in ProtectMap, not in datasets: a bad image then fails (or is skipped) naming its row.
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     fn = ProtectMap(protection, image_column, label_column, key_column, device, on_error, png_level,
-                    as_bytes=not _is_image_feature(features, image_column), source=source, skipped=skipped)
+                    as_bytes=not _is_image_feature(features, image_column), source=source, skipped=skipped,
+                    max_pixels=max_pixels)
     if isinstance(dataset, datasets.IterableDataset):
         # IterableDataset.map(features=...) takes the output as already decoded; cast decodes the PNGs.
         mapped = dataset.map(fn, batched=True, batch_size=batch_size, with_indices=True, **map_kwargs)

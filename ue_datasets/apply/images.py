@@ -2,14 +2,23 @@
 
 Modes: L and RGB are protected as they are; LA and RGBA keep their alpha channel unchanged; ``1``
 (bilevel) becomes L; P (palette) becomes RGB, or RGBA when it has transparency; CMYK and YCbCr become
-RGB. 16-bit and float modes (I;16, I, F) are refused rather than silently reduced to 8 bits. EXIF
-orientation is applied before protecting (the output is written without EXIF), so the protected image
-looks the way the original was displayed.
+RGB. EXIF orientation is applied before protecting (the output is written without EXIF), so the
+protected image looks the way the original was displayed. An ICC profile that fits the output's
+colour space (RGB or gray) is kept in the written PNG.
+
+Refused rather than silently reduced: more than 8 bits per sample (16-bit PNG, TIFF and PPM/PGM with a
+maxval above 255; I;16, I and F modes); several frames (multi-page TIFF, APNG, animated WebP and GIF),
+except an MPO JPEG, whose first frame is the picture; an image that declares more than ``max_pixels``
+pixels, checked from its header before any decoding. 16 bpp BMPs (5-6-5 and 5-5-5) are 8-bit images
+once decoded, and are accepted.
 """
 
 from __future__ import annotations
 
 import io
+import re
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,17 +31,52 @@ from ..errors import UEDatasetsError
 MODES_BY_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 #: Modes converted on the way in.
 CONVERTED = {"1": "L", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB"}
-#: Extensions that hold an image, in the order they are looked for in a webdataset sample.
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp", "ppm", "pgm", "pbm")
+#: Extensions of images that are read and protected.
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp", "ppm", "pgm", "pbm", "gif")
+#: Extensions of images that are not read: a field with one of them makes its sample fail, so that
+#: no image is ever published unprotected.
+UNREAD_IMAGE_EXTENSIONS = ("jfif", "jpe", "pnm", "pam", "apng", "avif", "heic", "heif", "jxl", "jp2", "j2k",
+                           "jpx", "ico", "cur", "tga", "dds", "psd", "exr", "hdr", "svg", "eps", "pcx", "xbm",
+                           "xpm", "dng", "cr2", "nef", "arw", "raw", "qoi", "sgi", "im", "icns", "blp", "fits")
 #: Formats Pillow may open: those of `IMAGE_EXTENSIONS`. Restricting them keeps untrusted bytes away
 #: from plugins that run external programs (EPS runs Ghostscript).
-PIL_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "PPM")
+PIL_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "PPM", "GIF")
 #: Compression level of written PNGs: lossless at any level; 1 is the fastest.
 PNG_LEVEL = 1
+#: Pixels (width x height) an image may declare: 100 megapixels, above any camera or dataset image
+#: we know of (a 13000 x 13000 bomb is refused) and about 1.2 GB as float32 RGB in the core.
+DEFAULT_MAX_PIXELS = 100_000_000
+#: Raw modes with more than 8 bits per sample ("RGB;16B", "I;16", "L;16", "F;32F"...).
+_DEEP_RAWMODE = re.compile(r";(16|32)[BLNSF]*\b|^(I|F)(;|$)")
+#: Packed 16-bit pixels of 5-6-5 or 5-5-5 bits: 8-bit channels once decoded.
+_PACKED_RAWMODES = {"BGR;15", "BGR;16", "RGB;15", "RGB;16", "BGRA;15", "RGBA;15"}
+#: ICC colour-space signatures that fit each output mode.
+_ICC_SPACE = {"L": b"GRAY", "LA": b"GRAY", "RGB": b"RGB ", "RGBA": b"RGB "}
+#: Leading bytes of image formats, to catch an image in a field not named as one.
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  ",
+          b"\xff\x0a")
 
 
 class ImageFormatError(UEDatasetsError):
     """An image cannot be decoded or has a mode that cannot be protected without loss."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded image: uint8 ``(C, H, W)`` pixels and the ICC profile to write with them (or ``None``)."""
+
+    pixels: torch.Tensor
+    icc_profile: bytes | None = None
+
+
+def looks_like_image(data: bytes) -> bool:
+    """Whether ``data`` starts like an image file (PNG, JPEG, GIF, TIFF, WebP, JPEG 2000/XL, AVIF/HEIF)."""
+    head = bytes(data[:16])
+    if head.startswith(_MAGIC):
+        return True
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    return head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")
 
 
 def normalize_mode(img: Image.Image) -> Image.Image:
@@ -54,23 +98,63 @@ def normalize_mode(img: Image.Image) -> Image.Image:
     )
 
 
-def decode(data: bytes) -> Image.Image:
-    """Decode encoded image bytes fully (so truncation shows here), mode-normalised.
+def _deeper_than_8_bits(img: Image.Image) -> bool:
+    for tile in getattr(img, "tile", None) or []:
+        args = tile[3] if len(tile) > 3 else None
+        if isinstance(args, tuple) and len(args) == 2 and isinstance(args[1], int) and img.format == "PPM":
+            if args[1] > 255:  # PPM/PGM maxval
+                return True
+            args = args[0]
+        rawmode = args[0] if isinstance(args, tuple) and args and isinstance(args[0], str) else args
+        if isinstance(rawmode, str) and rawmode not in _PACKED_RAWMODES and _DEEP_RAWMODE.search(rawmode):
+            return True
+    return False
 
-    Only `PIL_FORMATS` are opened, and images stored with 16 bits per sample are refused (Pillow would
-    reduce 16-bit RGB to 8 bits silently).
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode encoded image bytes fully (so truncation shows here) after checking what they declare.
+
+    Only `PIL_FORMATS` are opened; the declared size, the bit depth and the frame count are checked
+    from the header, before the pixels are decoded (see the module docstring).
     """
     try:
-        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        with warnings.catch_warnings():  # sizes are checked here, against max_pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise ImageFormatError(f"image declares too many pixels ({e})") from None
     except Exception as e:
         raise ImageFormatError(f"cannot decode image ({type(e).__name__}: {e})") from None
-    if any(";16" in str(tile[3]) for tile in getattr(img, "tile", []) or []):
-        raise ImageFormatError(f"16-bit image ({img.format} {img.mode}) is not supported; convert it to 8 bits explicitly")
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageFormatError(f"image declares {w} x {h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
+                               "(raise it with --max-pixels / max_pixels if such images are expected)")
+    if _deeper_than_8_bits(img):
+        raise ImageFormatError(f"image has more than 8 bits per sample (16-bit or float; {img.format} {img.mode}), "
+                               "which is not supported; convert it to 8 bits explicitly if that loss is intended")
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1 and img.format != "MPO":
+        raise ImageFormatError(f"image has {frames} frames ({img.format}); only single-frame images are protected")
     try:
         img.load()
     except Exception as e:
         raise ImageFormatError(f"cannot decode image ({type(e).__name__}: {e})") from None
-    return normalize_mode(img)
+    return img
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode encoded image bytes (`open_image`), mode-normalised."""
+    return normalize_mode(open_image(data, max_pixels))
+
+
+def decode_with_profile(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Decode encoded image bytes to pixels and the ICC profile that still fits them."""
+    img = open_image(data, max_pixels)
+    icc = img.info.get("icc_profile") if img.mode not in ("CMYK", "YCbCr") else None
+    img = normalize_mode(img)
+    if not icc or bytes(icc[16:20]) != _ICC_SPACE.get(img.mode):
+        icc = None  # converted colours (CMYK to RGB, say) are not what the profile describes
+    return Decoded(pil_to_tensor(img), icc)
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -81,12 +165,12 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def image_tensor(value: bytes | bytearray | memoryview | Image.Image) -> torch.Tensor:
+def image_tensor(value: bytes | bytearray | memoryview | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """uint8 ``(C, H, W)`` of encoded bytes (`decode`) or a PIL image (`normalize_mode`), as every stage reads images."""
     if isinstance(value, Image.Image):
         return pil_to_tensor(normalize_mode(value))
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return pil_to_tensor(decode(bytes(value)))
+        return pil_to_tensor(decode(bytes(value), max_pixels))
     raise UEDatasetsError(f"expected image bytes or a PIL image, got {type(value).__name__}")
 
 
@@ -107,9 +191,10 @@ def tensor_to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr[:, :, 0] if c == 1 else arr, MODES_BY_CHANNELS[c])
 
 
-def encode_png(t: torch.Tensor | Image.Image, level: int = PNG_LEVEL) -> bytes:
-    """Lossless PNG bytes of a uint8 ``(C, H, W)`` tensor or a PIL image."""
+def encode_png(t: torch.Tensor | Image.Image, level: int = PNG_LEVEL, icc_profile: bytes | None = None) -> bytes:
+    """Lossless PNG bytes of a uint8 ``(C, H, W)`` tensor or a PIL image, with ``icc_profile`` if given."""
     img = t if isinstance(t, Image.Image) else tensor_to_pil(t)
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=level)
+    extra = {"icc_profile": icc_profile} if icc_profile else {}
+    img.save(buf, format="PNG", compress_level=level, **extra)
     return buf.getvalue()

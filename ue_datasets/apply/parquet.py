@@ -1,15 +1,18 @@
-"""Parquet adapter: rewrite parquet files file-to-file, streaming record batches.
+"""Parquet adapter: rewrite parquet files file-to-file, one input row group at a time.
 
 The image column is a Hugging Face ``Image`` struct (``{bytes, path}``) or a plain binary column;
 protected images are written as lossless PNG bytes with ``path`` null. Every other column, the schema
 and its metadata (the ``huggingface`` features entry) are kept, so ``datasets`` reads the output with
-the same features. Sample keys are the key column when given, else the row index within the file.
-Files are written and resumed as webdataset shards are (`ue_datasets.apply.shards`).
+the same features, and each input row group gives one output row group (less its skipped rows).
+Another column of images (an ``Image`` feature, or ``{bytes, path}`` structs) fails the file unless it
+is listed in ``keep_fields``: no image is published unprotected. Sample keys are the key column when
+given, else the row index within the file. Files are written and resumed as webdataset shards are
+(`ue_datasets.apply.shards`).
 """
 
 from __future__ import annotations
 
-import time
+import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -20,8 +23,8 @@ import pyarrow.parquet as pq
 from ..artifact import Protection
 from ..errors import SampleError, SourceError, UEDatasetsError
 from .core import needs_labels
-from .encoded import Item, protect_encoded_stream
-from .shards import ShardOptions, ShardStats, atomic_write, check_not_empty, finish, run
+from .encoded import Item, batched, protect_encoded_stream
+from .shards import ShardOptions, ShardStats, check_not_empty, commit_file, run
 
 
 def _image_value(value: Any) -> Any:
@@ -34,48 +37,80 @@ def _image_value(value: Any) -> Any:
     return value
 
 
+def image_columns(schema: pa.Schema) -> list[str]:
+    """Columns that hold images: ``Image`` features in the ``huggingface`` metadata, or ``{bytes, path}`` structs."""
+    found = []
+    try:
+        features = json.loads((schema.metadata or {}).get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+    except (ValueError, AttributeError):
+        features = {}
+    for f in schema:
+        feature = features.get(f.name) if isinstance(features, dict) else None
+        is_struct = pa.types.is_struct(f.type) and {f.type.field(i).name for i in range(f.type.num_fields)} == {
+            "bytes", "path"}
+        if (isinstance(feature, dict) and feature.get("_type") == "Image") or is_struct:
+            found.append(f.name)
+    return found
+
+
 def protect_parquet_file(
     protection: Protection,
     in_url: str,
     out_url: str,
     options: ShardOptions = ShardOptions(label_field="label", image_field="image"),
     progress: Callable[[int], None] | None = None,
-) -> ShardStats:
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Rewrite one parquet file with protected images; see the module docstring."""
-    start = time.perf_counter()
-    stats = ShardStats(in_url, out_url, protection=protection.public())
     image_col = options.image_field or "image"
     label_col = options.label_field
     labelled = needs_labels(protection)
-    keys_seen: list[str] = []
 
-    def write(f: Any) -> None:
+    def body(f: Any, stats: ShardStats) -> list[str]:
         try:
             src = fsspec.open(in_url, "rb").open()
         except OSError as e:
             raise SourceError(in_url, f"cannot open ({type(e).__name__}: {e})") from None
         with src:
-            rewrite(src, f)
+            keys = rewrite(src, f, stats)
+        check_not_empty(stats, in_url, options, "empty file: no rows")
+        return keys
 
-    def rewrite(src: Any, f: Any) -> None:
+    def read_group(parquet: pq.ParquetFile, i: int) -> pa.Table:
+        try:
+            return parquet.read_row_group(i)
+        except (OSError, pa.ArrowException) as e:
+            raise SourceError(in_url, f"cannot read row group {i} of {parquet.num_row_groups} "
+                                      f"({type(e).__name__}: {e})") from None
+
+    def rewrite(src: Any, f: Any, stats: ShardStats) -> list[str]:
         try:
             parquet = pq.ParquetFile(src)
-        except (OSError, pa.ArrowInvalid) as e:
+        except (OSError, pa.ArrowException) as e:
             raise SourceError(in_url, f"cannot read parquet ({type(e).__name__}: {e})") from None
         schema = parquet.schema_arrow
         for col in [image_col] + ([label_col] if labelled else []) + ([options.key_field] if options.key_field else []):
             if schema.get_field_index(col) < 0:
                 raise SourceError(in_url, f"no column {col!r} (columns: {', '.join(schema.names)})")
+        others = [c for c in image_columns(schema) if c != image_col and c not in options.keep_fields]
+        if others:
+            raise SourceError(in_url, f"column(s) {', '.join(map(repr, others))} hold images too and would be "
+                                      f"published unprotected; protect them in another pass (--image-field), or "
+                                      f"list them with --keep-field to keep them as they are")
         image_type = schema.field(image_col).type
+        image_index = schema.get_field_index(image_col)
+        written: list[str] = []
+        offset = 0
 
-        def batches() -> Iterator[tuple[tuple[pa.RecordBatch, list[str], dict[int, Any]], list[Item]]]:
-            offset = 0
-            for batch in parquet.iter_batches(batch_size=options.batch_size):
-                rows = batch.to_pydict()
-                n = batch.num_rows
+        def groups() -> Iterator[tuple[tuple[pa.Table, list[str], dict[int, Any], bool], list[Item]]]:
+            nonlocal offset
+            for g in range(parquet.num_row_groups):
+                table = read_group(parquet, g)
+                rows = table.select([c for c in (image_col, label_col if labelled else None, options.key_field)
+                                     if c]).to_pydict()
+                n = table.num_rows
                 keys = [str(k) for k in rows[options.key_field]] if options.key_field else [
-                    str(offset + i) for i in range(n)
-                ]
+                    str(offset + i) for i in range(n)]
                 offset += n
                 outcome: dict[int, Any] = {}  # row -> Item to protect, or its SampleError
                 for i in range(n):
@@ -84,14 +119,23 @@ def protect_parquet_file(
                         outcome[i] = Item(keys[i], _image_value(rows[image_col][i]), label)
                     except UEDatasetsError as e:
                         outcome[i] = SampleError(in_url, keys[i], str(e))
-                yield (batch, keys, outcome), [v for v in outcome.values() if isinstance(v, Item)]
+                rows_to_protect = [i for i, v in outcome.items() if isinstance(v, Item)]
+                chunks = list(batched(rows_to_protect, options.batch_size)) or [[]]
+                for c, chunk in enumerate(chunks):  # the core sees batch_size rows; the group is written once
+                    yield (table, keys, outcome, c == len(chunks) - 1), [outcome[i] for i in chunk]
 
         with pq.ParquetWriter(f, schema) as writer:
-            stream = protect_encoded_stream(protection, batches(), in_url, options.device, options.png_level)
-            for (batch, keys, outcome), done in stream:
-                n = batch.num_rows
+            stream = protect_encoded_stream(protection, groups(), in_url, options.device, options.png_level,
+                                            max_pixels=options.max_pixels)
+            done: list[Any] = []
+            for (table, keys, outcome, last), results in stream:
+                done.extend(results)
+                if not last:
+                    continue
+                n = table.num_rows
                 stats.samples += n
                 outcome.update(zip([i for i, v in outcome.items() if isinstance(v, Item)], done))
+                done = []
                 keep = []
                 for i in range(n):
                     r = outcome[i]
@@ -104,16 +148,16 @@ def protect_parquet_file(
                 pngs = [outcome[i] for i in keep]
                 images = pa.array([{"bytes": b, "path": None} for b in pngs] if pa.types.is_struct(image_type) else pngs,
                                   type=image_type)
-                kept = batch.take(pa.array(keep, type=pa.int64()))
-                kept = kept.set_column(schema.get_field_index(image_col), schema.field(image_col), images)
-                writer.write_batch(kept)
-                keys_seen.extend(keys[i] for i in keep)
+                kept = table.take(pa.array(keep, type=pa.int64()))
+                kept = kept.set_column(image_index, schema.field(image_col), images)
+                if kept.num_rows:
+                    writer.write_table(kept, row_group_size=max(1, kept.num_rows))
+                written.extend(keys[i] for i in keep)
                 if progress is not None:
                     progress(n)
-        check_not_empty(stats, options, "empty file: no rows")
+        return written
 
-    atomic_write(out_url, write)
-    return finish(stats, protection, keys_seen, start)
+    return commit_file(protection, in_url, out_url, overwrite, body)
 
 
 def protect_parquet(

@@ -70,6 +70,8 @@ def iter_records(
         for url in source.urls:
             with fsspec.open(url, "rb") as f:
                 for sample in read_samples(f, url):
+                    if isinstance(sample, SampleError):
+                        raise sample
                     try:
                         yield Record(url, sample["__key__"], sample[image_field_of(sample, image_field)],
                                      label_of(sample, field) if labels else None)

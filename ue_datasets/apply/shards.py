@@ -1,17 +1,18 @@
 """Shard-level, resumable file rewriting shared by the webdataset and parquet rewriters.
 
-The model is img2dataset's: one input file gives one output file of the same name; it is written as
-``NAME.partial`` and renamed when complete, then ``STEM_stats.json`` is written, last, as the mark that
-the file is done. A rerun skips files whose stats name the same protection id and redoes the rest,
-so a killed run resumes and ends with the same bytes as an uninterrupted one. Files are independent,
-so they can be rewritten by several processes (spawned, so CUDA works in them).
+The model is img2dataset's: one input file gives one output file of the same name, written through
+the commit protocol of `ue_datasets.apply.commit` (one writer per output under a lock, a partial file
+of its own, ``STEM_stats.json`` with the output's size and sha256, then the rename). A rerun skips
+files that check out against their stats and redoes the rest, so a killed run resumes and ends with
+the same bytes as an uninterrupted one. Files are independent, so several processes (spawned, so CUDA
+works in them), or several runs, can share the work; a file another run is writing is waited for.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import posixpath
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,10 +26,17 @@ import torch
 from ..artifact import Protection
 from ..errors import SourceError, UEDatasetsError
 from ..version import __version__
+from .commit import (
+    OutputBusy, OutputLock, checks_out, output_error, partial_url, read_json, remove_partials, rename, stats_url,
+    write_hashed, write_json,
+)
 from .core import needs_keys, resolve_device, selected
-from .images import PNG_LEVEL
+from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
+from .locations import check_output
 
 ON_ERROR = ("fail", "skip")
+#: Seconds between looks at files another run is writing.
+POLL_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -37,30 +45,38 @@ class ShardOptions:
 
     Attributes:
         label_field: field or column holding the class id (webdataset ``cls``; ``label`` in tables).
-        image_field: field or column holding the image; ``None`` picks it (first image extension of a
-            webdataset sample; ``image`` in tables).
+        image_field: field or column holding the image; ``None``: every image field of a webdataset
+            sample (by extension), ``image`` in tables.
         key_field: column of stable sample keys in tables (default: the row index in the file);
             webdataset samples always use ``__key__``.
+        keep_fields: fields or columns passed through unprotected although they hold images
+            (segmentation masks, say); every other image is protected or its sample fails.
         batch_size: samples per call of the tensor core.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         on_error: ``"fail"`` raises on the first bad sample; ``"skip"`` leaves it out and records
             its key and the reason in the stats.
         png_level: zlib level of the written PNGs (lossless at any level).
+        max_pixels: an image that declares more pixels (width x height) is refused before decoding.
     """
 
     label_field: str = "cls"
     image_field: str | None = None
     key_field: str | None = None
+    keep_fields: tuple[str, ...] = ()
     batch_size: int = 64
     device: str = "auto"
     on_error: str = "fail"
     png_level: int = PNG_LEVEL
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.on_error not in ON_ERROR:
             raise UEDatasetsError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if self.batch_size < 1:
             raise UEDatasetsError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_pixels < 1:
+            raise UEDatasetsError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        object.__setattr__(self, "keep_fields", tuple(self.keep_fields))
 
     def replace(self, **changes: Any) -> ShardOptions:
         return ShardOptions(**{**asdict(self), **changes})
@@ -68,7 +84,12 @@ class ShardOptions:
 
 @dataclass
 class ShardStats:
-    """What happened to one file; written as ``STEM_stats.json`` once the file is complete."""
+    """What happened to one file; written as ``STEM_stats.json`` beside it.
+
+    ``input`` and ``output`` are file names (the output's is relative to the output folder), never
+    paths of the machine that wrote them; ``bytes`` and ``sha256`` are the output file's, which a
+    rerun checks before it trusts the file as complete.
+    """
 
     input: str
     output: str
@@ -78,6 +99,8 @@ class ShardStats:
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     protection: dict[str, str] = field(default_factory=dict)
+    bytes: int = 0
+    sha256: str = ""
     ue_datasets_version: str = __version__
     resumed: bool = False
 
@@ -85,8 +108,10 @@ class ShardStats:
         self.skipped.append({"key": key, "reason": reason})
 
 
-#: ``rewrite(protection, in_url, out_url, options, progress) -> ShardStats``; module-level, so picklable.
-Rewrite = Callable[[Protection, str, str, ShardOptions, Callable[[int], None] | None], ShardStats]
+#: ``body(fileobj, stats) -> written keys``: writes one output file's bytes and counts into ``stats``.
+Body = Callable[[Any, ShardStats], Sequence[str]]
+#: ``rewrite(protection, in_url, out_url, options, progress, overwrite) -> stats dict``; module-level, so picklable.
+Rewrite = Callable[..., dict[str, Any]]
 
 
 def output_name(url: str) -> str:
@@ -98,69 +123,95 @@ def output_name(url: str) -> str:
     return name
 
 
-def stats_url(out_url: str) -> str:
-    """``dir/NAME.tar`` -> ``dir/NAME_stats.json`` (likewise ``.parquet``)."""
-    head, base = posixpath.split(out_url)
-    stem = base.rsplit(".", 1)[0] if "." in base else base
-    return posixpath.join(head, stem + "_stats.json") if head else stem + "_stats.json"
-
-
-def atomic_write(url: str, write: Callable[[Any], Any]) -> Any:
-    """Run ``write(fileobj)`` on ``URL.partial``, then rename it to ``url``; on failure remove it."""
-    fs, path = fsspec.core.url_to_fs(url)
-    partial = path + ".partial"
-    try:
-        with fs.open(partial, "wb") as f:
-            result = write(f)
-        fs.mv(partial, path)
-    except BaseException:
-        try:
-            fs.rm(partial)
-        except (FileNotFoundError, OSError):
-            pass
-        raise
-    return result
-
-
-def check_not_empty(stats: ShardStats, options: ShardOptions, reason: str) -> None:
+def check_not_empty(stats: ShardStats, in_url: str, options: ShardOptions, reason: str) -> None:
     """A file that yielded no sample fails, or with ``on_error="skip"`` is recorded as skipped."""
     if stats.samples == 0 and not stats.skipped:
         if options.on_error == "fail":
-            raise SourceError(stats.input, reason)
+            raise SourceError(in_url, reason)
         stats.skip("", reason)
 
 
-def finish(stats: ShardStats, protection: Protection, written_keys: Sequence[str], start: float) -> ShardStats:
-    """Count what was written and protected, then write the stats file: the mark that the file is done."""
-    stats.written = len(written_keys)
-    stats.protected = int(selected(protection, written_keys).sum()) if needs_keys(protection) else len(written_keys)
-    stats.seconds = round(time.perf_counter() - start, 4)
-    payload = (json.dumps(asdict(stats), indent=2) + "\n").encode()
-    atomic_write(stats_url(stats.output), lambda f: f.write(payload))
+def owned_stats(out_url: str, protection: Protection, overwrite: bool) -> dict[str, Any] | None:
+    """The stats of an output this package wrote, ``None`` when there is none yet.
+
+    Raises:
+        UEDatasetsError: a file is under the output's name (or its stats name) that this package did
+            not write; or the output was written with another protection (unless ``overwrite``).
+    """
+    fs, path = fsspec.core.url_to_fs(out_url)
+    stats_file = stats_url(out_url)
+    stats = read_json(stats_file)
+    if stats is None or stats.get("output") != posixpath.basename(path) or "protection" not in stats:
+        if fs.exists(fsspec.core.url_to_fs(stats_file)[1]):
+            raise UEDatasetsError(f"{stats_file}: exists and is not the stats file of this output; "
+                                  "move it away or choose another output folder")
+        if fs.exists(path):
+            raise UEDatasetsError(f"{out_url}: exists and was not written by ue-datasets (it has no stats file); "
+                                  "move it away or choose another output folder")
+        return None
+    other = stats["protection"].get("id") if isinstance(stats["protection"], dict) else None
+    if other != protection.id and not overwrite:
+        raise UEDatasetsError(
+            f"{out_url} was written with another protection ({other}); write to a new output or pass --overwrite"
+        )
     return stats
 
 
-def read_stats(out_url: str) -> dict[str, Any] | None:
-    """The stats of a completed output file, or ``None`` when it is not complete."""
-    fs, path = fsspec.core.url_to_fs(stats_url(out_url))
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read())
+def commit_file(
+    protection: Protection, in_url: str, out_url: str, overwrite: bool, body: Body
+) -> dict[str, Any]:
+    """Write one output file under the commit protocol, or return its stats when it is already complete.
+
+    Claims the output (`OutputBusy` while another process holds it), then: an output that checks out
+    against its stats is kept (``resumed``; redone with ``overwrite``); otherwise ``body`` writes it
+    into a partial file of its own and it is committed (stats first, then the rename).
+    """
+    start = time.perf_counter()
+    with OutputLock(out_url):
+        done = owned_stats(out_url, protection, overwrite)
+        if done is not None and not overwrite and checks_out(out_url, done):
+            return {**done, "resumed": True}
+        remove_partials(out_url)
+        stats = ShardStats(output_name(in_url), posixpath.basename(out_url.rstrip("/")),
+                           protection=protection.public())
+        partial = partial_url(out_url)
+        keys, digest = write_hashed(partial, lambda f: body(f, stats))
+        try:
+            stats.written = len(keys)
+            stats.protected = int(selected(protection, keys).sum()) if needs_keys(protection) else len(keys)
+            stats.seconds = round(time.perf_counter() - start, 4)
+            stats.bytes, stats.sha256 = digest["bytes"], digest["sha256"]
+            write_json(stats_url(out_url), asdict(stats))
+            rename(partial, out_url)
+        except BaseException:
+            fs, path = fsspec.core.url_to_fs(partial)
+            try:
+                fs.rm(path)
+            except (FileNotFoundError, OSError):
+                pass
+            raise
+    return asdict(stats)
 
 
-def plan(inputs: Sequence[str], output_dir: str) -> list[tuple[str, str]]:
-    """Pair each input with its output URL in ``output_dir``; two inputs may not share a name."""
+def plan(inputs: Sequence[str], output_dir: str, patterns: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """Pair each input with its output URL in ``output_dir``, refusing any output that aliases an input.
+
+    Args:
+        inputs: input file URLs.
+        output_dir: the output folder.
+        patterns: the input as the user gave it (files, folders, globs), to refuse outputs it would read
+            back; default: ``inputs``.
+    """
+    if isinstance(inputs, str):
+        raise UEDatasetsError(f"inputs must be a list of files, got the string {inputs!r}")
     pairs, seen = [], {}
     for url in inputs:
         name = output_name(url)
         if name in seen:
             raise UEDatasetsError(f"inputs {seen[name]} and {url} would both be written as {name}")
         seen[name] = url
-        out = output_dir.rstrip("/") + "/" + name
-        if fsspec.core.url_to_fs(out)[1] == fsspec.core.url_to_fs(url)[1]:
-            raise UEDatasetsError(f"{url}: the output would overwrite the input; choose another output folder")
-        pairs.append((url, out))
+        pairs.append((url, output_dir.rstrip("/") + "/" + name))
+    check_output(list(patterns or inputs), list(inputs), [out for _, out in pairs])
     return pairs
 
 
@@ -188,9 +239,11 @@ def _core_threads(options: ShardOptions) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _task(rewrite: Rewrite, protection: Protection, in_url: str, out_url: str, options: ShardOptions, worker: int):
+def _task(rewrite: Rewrite, protection: Protection, in_url: str, out_url: str, options: ShardOptions,
+          overwrite: bool, worker: int) -> dict[str, Any]:
     torch.set_num_threads(1)
-    return asdict(rewrite(protection, in_url, out_url, options.replace(device=_worker_device(options.device, worker)), None))
+    options = options.replace(device=_worker_device(options.device, worker))
+    return rewrite(protection, in_url, out_url, options, None, overwrite)
 
 
 def run(
@@ -202,49 +255,73 @@ def run(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    patterns: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Rewrite every input file into ``output_dir`` with ``rewrite``, resuming finished ones.
+
+    Files another run is writing are left to it and waited for, then taken as it left them.
 
     Returns:
         The stats of every file, in input order (``resumed: True`` for files done earlier).
 
     Raises:
-        UEDatasetsError: an output file was completed with another protection (unless ``overwrite``).
+        UEDatasetsError: an output aliases an input, is not this package's, or was completed with
+            another protection (unless ``overwrite``).
     """
     from tqdm.auto import tqdm
 
-    pairs = plan(inputs, output_dir)
+    pairs = plan(inputs, output_dir, patterns)
+    for _, dst in pairs:  # fail before any work on outputs that cannot be written
+        owned_stats(dst, protection, overwrite)
     fs, out_path = fsspec.core.url_to_fs(output_dir)
-    fs.makedirs(out_path, exist_ok=True)
-    results: dict[int, dict[str, Any]] = {}
-    todo = []
-    for i, (_, dst) in enumerate(pairs):
-        done = None if overwrite else read_stats(dst)
-        if done is None:
-            todo.append(i)
-            continue
-        other = done.get("protection", {}).get("id")
-        if other != protection.id:
-            raise UEDatasetsError(
-                f"{dst} was completed with another protection ({other}); write to a new output or pass --overwrite"
-            )
-        results[i] = {**done, "resumed": True}
-    bar = tqdm(total=len(pairs), initial=len(results), unit="file", desc="protect", disable=not progress)
     try:
-        if workers <= 1 or len(todo) <= 1:
-            with tqdm(unit="img", desc="samples", disable=not progress, leave=False) as samples, _core_threads(options):
-                for i in todo:
-                    results[i] = asdict(rewrite(protection, *pairs[i], options, samples.update))
-                    bar.update(1)
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                jobs = {
-                    pool.submit(_task, rewrite, protection, *pairs[i], options, n): i for n, i in enumerate(todo)
-                }
-                for job in as_completed(jobs):
-                    results[jobs[job]] = job.result()
-                    bar.update(1)
+        fs.makedirs(out_path, exist_ok=True)
+    except OSError as e:
+        raise output_error(output_dir, e) from None
+    results: dict[int, dict[str, Any]] = {}
+    pending = list(range(len(pairs)))
+    bar = tqdm(total=len(pairs), unit="file", desc="protect", disable=not progress)
+    told = False
+    try:
+        while pending:
+            busy: list[int] = []
+
+            def done(i: int, outcome: dict[str, Any] | OutputBusy) -> None:
+                if isinstance(outcome, OutputBusy):
+                    if not outcome.waitable:
+                        raise outcome
+                    busy.append(i)
+                    return
+                results[i] = outcome
+                bar.update(1)
+
+            if workers <= 1 or len(pending) <= 1:
+                with tqdm(unit="img", desc="samples", disable=not progress, leave=False) as samples, \
+                        _core_threads(options):
+                    for i in pending:
+                        try:
+                            done(i, rewrite(protection, *pairs[i], options, samples.update, overwrite))
+                        except OutputBusy as e:
+                            done(i, e)
+            else:
+                ctx = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                    jobs = {pool.submit(_task, rewrite, protection, *pairs[i], options, overwrite, n): i
+                            for n, i in enumerate(pending)}
+                    for job in as_completed(jobs):
+                        try:
+                            done(jobs[job], job.result())
+                        except OutputBusy as e:
+                            done(jobs[job], e)
+            pending = busy
+            if pending:
+                if not told:
+                    names = ", ".join(posixpath.basename(pairs[i][1]) for i in pending[:3])
+                    print(f"ue-datasets: waiting for {len(pending)} file(s) another run is writing ({names}...)",
+                          file=sys.stderr)
+                    told = True
+                time.sleep(POLL_SECONDS)
+                workers = 1
     finally:
         bar.close()
     return [results[i] for i in range(len(pairs))]

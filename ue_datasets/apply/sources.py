@@ -14,9 +14,7 @@ A source is one of:
 
 from __future__ import annotations
 
-import json
 import posixpath
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,9 +24,13 @@ import fsspec
 from braceexpand import braceexpand
 
 from ..artifact import Protection
-from ..errors import UEDatasetsError
+from ..errors import SourceError, UEDatasetsError
 from ..version import __version__
+from .commit import (
+    OutputLock, checks_out, file_digest, output_error, partial_url, read_json, remove_partials, rename, write_json,
+)
 from .core import needs_keys, selected
+from .locations import check_dataset_output
 from .shards import ShardOptions
 
 HF_MARKERS = ("state.json", "dataset_dict.json")
@@ -38,10 +40,12 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 @dataclass
 class Source:
-    """A resolved input: its kind (``wds``, ``parquet`` or ``hf``) and its URLs."""
+    """A resolved input: its kind (``wds``, ``parquet`` or ``hf``), its URLs, and the brace-expanded
+    patterns they came from (files, folders, globs)."""
 
     kind: str
     urls: list[str] = field(default_factory=list)
+    patterns: list[str] = field(default_factory=list)
 
 
 def _is_hf_dir(fs: Any, path: str) -> bool:
@@ -61,13 +65,14 @@ def resolve(src: str) -> Source:
     if src.startswith("pipe:"):
         raise UEDatasetsError(f"{src}: pipe: URLs run shell commands and are not run; give a path or an fsspec URL")
     urls: list[str] = []
-    for pattern in braceexpand(src):
+    patterns = list(braceexpand(src))
+    for pattern in patterns:
         fs, path = fsspec.core.url_to_fs(pattern)
         if any(ch in path for ch in "*?["):
             urls.extend(sorted(fs.unstrip_protocol(p) if "://" in pattern else p for p in fs.glob(path)))
         elif fs.isdir(path):
             if _is_hf_dir(fs, path):
-                return Source("hf", [pattern])
+                return Source("hf", [pattern], [pattern])
             found = sorted(p for p in fs.ls(path, detail=False) if _kind_of(p))
             urls.extend(fs.unstrip_protocol(p) if "://" in pattern else p for p in found)
         elif fs.exists(path):
@@ -82,75 +87,149 @@ def resolve(src: str) -> Source:
         raise UEDatasetsError(f"{bad}: not a webdataset shard (.tar), a parquet file or a save_to_disk directory")
     if len(kinds) > 1:
         raise UEDatasetsError(f"{src}: mixes shards and parquet files; protect them separately")
-    return Source(kinds.pop(), urls)
+    return Source(kinds.pop(), urls, patterns)
+
+
+def _owned_dataset(dst: str, protection: Protection, overwrite: bool) -> dict[str, Any] | None:
+    """The stats of a dataset output this package wrote (``None``: none yet); refuses anything else."""
+    fs, out = fsspec.core.url_to_fs(dst)
+    stats = read_json(posixpath.join(dst, HF_STATS))
+    if stats is None or "protection" not in stats or not isinstance(stats.get("files"), dict):
+        if fs.exists(out) and (not fs.isdir(out) or fs.ls(out, detail=False)):
+            raise UEDatasetsError(f"{dst}: exists and is not a dataset written by ue-datasets; nothing in it is "
+                                  "replaced: choose a new or empty directory")
+        return None
+    other = stats["protection"].get("id") if isinstance(stats["protection"], dict) else None
+    if other != protection.id and not overwrite:
+        raise UEDatasetsError(f"{dst} was written with another protection ({other}); "
+                              "write to a new output or pass --overwrite")
+    return stats
+
+
+def _dataset_checks_out(dst: str, stats: dict[str, Any]) -> bool:
+    return stats.get("complete", True) and all(
+        checks_out(posixpath.join(dst, name), digest) for name, digest in stats["files"].items())
+
+
+def _commit_dataset(partial: str, dst: str, stats: dict[str, Any], old: dict[str, Any] | None) -> None:
+    """Move the files of ``partial`` into ``dst``, replacing only the files ``old`` says this package wrote.
+
+    The stats file is always there while files move (first listing old and new files, incomplete), so
+    an interrupted commit is recognised as this package's output and redone.
+    """
+    fs, out = fsspec.core.url_to_fs(dst)
+    stale = set(old["files"]) - set(stats["files"]) if old else set()
+    try:
+        fs.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise output_error(dst, e) from None
+    stats_at = posixpath.join(dst, HF_STATS)
+    write_json(stats_at, {**stats, "complete": False, "files": {**{n: None for n in stale}, **stats["files"]}})
+    for name in sorted(stale):
+        try:
+            fs.rm(posixpath.join(out, name))
+        except FileNotFoundError:
+            pass
+    for name in stats["files"]:
+        target = posixpath.join(out, name)
+        fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        rename(posixpath.join(partial, name), posixpath.join(dst, name))
+    write_json(stats_at, stats)
+    for name in sorted(stale, key=len, reverse=True):  # folders of old splits, once empty
+        folder = posixpath.dirname(posixpath.join(out, name))
+        if folder != out and fs.isdir(folder) and not fs.ls(folder, detail=False):
+            fs.rmdir(folder)
+    fs.rm(fsspec.core.url_to_fs(partial)[1], recursive=True)
 
 
 def _protect_hf(
     protection: Protection, src: str, dst: str, options: ShardOptions, overwrite: bool, progress: bool
 ) -> dict[str, Any]:
     import datasets
+    import pyarrow as pa
+
+    check_dataset_output(src, dst)
+    with OutputLock(dst):
+        done = _owned_dataset(dst, protection, overwrite)
+        if done is not None and not overwrite and _dataset_checks_out(dst, done):
+            return {**done, "resumed": True}
+        remove_partials(dst)
+        start = time.perf_counter()
+        if not progress:
+            datasets.disable_progress_bars()
+        name = posixpath.basename(fsspec.core.url_to_fs(src)[1].rstrip("/"))
+        try:
+            dataset = datasets.load_from_disk(src)
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+            raise SourceError(src, f"cannot load the dataset ({type(e).__name__}: {e})") from None
+        splits = dataset if isinstance(dataset, datasets.DatasetDict) else {None: dataset}
+        partial = partial_url(dst)
+        try:
+            stats = _write_dataset(protection, src, dst, partial, name, splits, options, start)
+            _commit_dataset(partial, dst, stats, done)
+        except BaseException:
+            pfs, ppath = fsspec.core.url_to_fs(partial)
+            if pfs.exists(ppath):
+                pfs.rm(ppath, recursive=True)
+            raise
+    return stats
+
+
+def _write_dataset(protection: Protection, src: str, dst: str, partial: str, name: str, splits: Any,
+                   options: ShardOptions, start: float) -> dict[str, Any]:
+    """Protect every split of a loaded dataset into the ``partial`` directory; returns the stats to commit."""
+    import datasets
+    import pyarrow as pa
 
     from .hf import protect_dataset
 
-    fs, out = fsspec.core.url_to_fs(dst)
-    stats_path = posixpath.join(out, HF_STATS)
-    if fs.exists(stats_path) and not overwrite:
-        with fs.open(stats_path, "rb") as f:
-            done = json.loads(f.read())
-        if done.get("protection", {}).get("id") != protection.id:
-            raise UEDatasetsError(f"{dst} was written with another protection; write to a new output or pass --overwrite")
-        return {**done, "resumed": True}
-    if fs.exists(out) and not overwrite and fs.ls(out):
-        raise UEDatasetsError(f"{dst}: exists and is not a completed protection output; pass --overwrite")
-    start = time.perf_counter()
-    if not progress:
-        datasets.disable_progress_bars()
-    dataset = datasets.load_from_disk(src)
-    splits = dataset if isinstance(dataset, datasets.DatasetDict) else {None: dataset}
     skipped: list[dict[str, str]] = []
-    partial = out.rstrip("/") + ".partial"
-    if fs.exists(partial):
-        fs.rm(partial, recursive=True)
     with tempfile.TemporaryDirectory(prefix="ue-datasets-cache-") as cache:
         outputs = {}
         for split, ds in splits.items():
-            name = f"{src}[{split}]" if split is not None else src
-            outputs[split] = protect_dataset(
-                ds, protection, image_column=options.image_field or "image", label_column=options.label_field,
-                key_column=options.key_field, batch_size=options.batch_size, device=options.device,
-                on_error=options.on_error, png_level=options.png_level, source=name, skipped=skipped,
-                cache_file_name=posixpath.join(cache, f"{split or 'data'}.arrow"),
-            )
+            source = f"{name}[{split}]" if split is not None else name
+            try:
+                outputs[split] = protect_dataset(
+                    ds, protection, image_column=options.image_field or "image",
+                    label_column=options.label_field, key_column=options.key_field,
+                    batch_size=options.batch_size, device=options.device, on_error=options.on_error,
+                    png_level=options.png_level, max_pixels=options.max_pixels,
+                    keep_columns=options.keep_fields, source=source, skipped=skipped,
+                    cache_file_name=posixpath.join(cache, f"{split or 'data'}.arrow"),
+                )
+            except (OSError, pa.ArrowException) as e:
+                raise SourceError(src, f"cannot read the dataset ({type(e).__name__}: {e})") from None
         result = outputs[None] if None in outputs else datasets.DatasetDict(outputs)
-        result.save_to_disk(fs.unstrip_protocol(partial) if "://" in dst else partial)
+        try:
+            result.save_to_disk(partial)
+        except OSError as e:
+            raise output_error(dst, e) from None
     samples = sum(len(d) for d in splits.values())
     written = sum(len(d) for d in outputs.values())
     protected = written
     if needs_keys(protection):  # count the rows a partial protection covers, by the keys ProtectMap used
         protected = 0
         for split, ds in outputs.items():
-            name = f"{src}[{split}]" if split is not None else src
+            source = f"{name}[{split}]" if split is not None else name
             column = options.key_field or ("__key__" if "__key__" in ds.column_names else None)
             if column is not None:
                 keys = [str(k) for k in ds[column]]
             else:
-                dropped = {s["key"] for s in skipped if s["source"] == name}
+                dropped = {s["key"] for s in skipped if s["source"] == source}
                 keys = [str(i) for i in range(len(splits[split])) if str(i) not in dropped]
             protected += int(selected(protection, keys).sum())
+    pfs, ppath = fsspec.core.url_to_fs(partial)
+    files = {}
+    for path in sorted(pfs.find(ppath)):
+        rel = posixpath.relpath(path, ppath)
+        files[rel] = file_digest(posixpath.join(partial, rel))
     stats = {
-        "input": src, "output": dst, "samples": samples, "written": written, "protected": protected,
+        "input": name, "output": posixpath.basename(fsspec.core.url_to_fs(dst)[1].rstrip("/")),
+        "samples": samples, "written": written, "protected": protected,
         "skipped": skipped, "seconds": round(time.perf_counter() - start, 4),
-        "protection": protection.public(),
+        "protection": protection.public(), "files": files,
         "ue_datasets_version": __version__, "resumed": False,
     }
-    with fs.open(posixpath.join(partial, HF_STATS), "wb") as f:
-        f.write((json.dumps(stats, indent=2) + "\n").encode())
-    if fs.exists(out):
-        if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-            shutil.rmtree(out)
-        else:
-            fs.rm(out, recursive=True)
-    fs.mv(partial, out, recursive=True)
     return stats
 
 
@@ -167,10 +246,10 @@ def protect_source(
     source = resolve(src)
     if source.kind == "hf":
         return source, [_protect_hf(protection, source.urls[0], dst, options, overwrite, progress)]
+    from .shards import run
+
     if source.kind == "wds":
-        from .wds import protect_shards
-
-        return source, protect_shards(protection, source.urls, dst, options, workers, overwrite, progress)
-    from .parquet import protect_parquet
-
-    return source, protect_parquet(protection, source.urls, dst, options, workers, overwrite, progress)
+        from .wds import protect_shard as rewrite
+    else:
+        from .parquet import protect_parquet_file as rewrite
+    return source, run(rewrite, protection, source.urls, dst, options, workers, overwrite, progress, source.patterns)

@@ -1,14 +1,20 @@
 """webdataset adapters: a pipeline stage and resumable shard-to-shard rewriting.
 
 Samples are handled as webdataset's raw samples, ``{"__key__": str, "<ext>": bytes, ...}``, before any
-decoding: no field but the image is ever decoded, so nothing from an untrusted shard is unpickled or
-executed, and every other field is passed on byte for byte. The image (the first of
-`IMAGE_EXTENSIONS`, or ``image_field``) is replaced, in place, by a lossless ``png`` field.
+decoding: no field but the images is ever decoded, so nothing from an untrusted shard is unpickled or
+executed, and every other field (``__``-prefixed ones included) is passed on byte for byte.
+
+**Every image of a sample is protected**, or the sample fails: an image field is one whose last
+extension part is an image format (``jpg``, ``left.png``...), or ``image_field``; each is replaced in
+place by a lossless PNG named with ``png`` for that last part (``jpg`` -> ``png``, ``left.jpg`` ->
+``left.png``; ``jpg.png`` when that name is taken, as in a sample with both ``png`` and ``jpg``). An
+image format that is not read (``avif``, ``heic``...) and image bytes in a field not named as an image
+make the sample fail, unless the field is listed in ``keep_fields`` (segmentation masks, say), which
+are passed on unprotected.
 
 Shard rewriting (`protect_shards`) writes one output shard per input shard under the same name (a
-``.tar.gz`` input gives a ``.tar``), in the same sample and key order, through fsspec URLs. Each shard
-is written as ``NAME.partial`` and renamed when complete; a ``NAME_stats.json`` written last marks it
-done, so a rerun skips finished shards and redoes the rest.
+``.tar.gz`` input gives a ``.tar``), in the same sample and key order, through fsspec URLs, under the
+commit protocol of `ue_datasets.apply.commit`.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import io
 import posixpath
 import tarfile
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -27,10 +32,12 @@ from ..artifact import Protection
 from ..errors import SampleError, SourceError, UEDatasetsError
 from .core import needs_labels
 from .encoded import Item, batched, protect_encoded_stream
-from .images import IMAGE_EXTENSIONS
-from .shards import ShardOptions, ShardStats, atomic_write, check_not_empty, finish, run
+from .images import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, looks_like_image
+from .shards import ShardOptions, ShardStats, check_not_empty, commit_file, run
 
 OUTPUT_FIELD = "png"
+#: Entries of a raw sample that are not fields: never written, never taken from a tar member.
+META = ("__key__", "__url__", "__local_path__")
 
 
 # --------------------------------------------------------------------------- tar reading and writing
@@ -65,19 +72,31 @@ def _end_tracking_tarinfo() -> tuple[type[tarfile.TarInfo], dict[str, str]]:
     return _TarInfo, state
 
 
-def read_samples(fileobj: Any, source: str) -> Iterator[dict[str, Any]]:
+def read_samples(fileobj: Any, source: str) -> Iterator[dict[str, Any] | SampleError]:
     """Group a tar stream's regular files into samples ``{"__key__", "__url__", ext: bytes}``.
 
     Each sample is yielded as soon as the next key's header is read, so a cut never costs a sample
-    that was complete before it.
+    that was complete before it. A sample that cannot be taken as it is (a duplicate field, a field
+    named like a metadata entry, a key whose members are not contiguous) is yielded as a
+    `SampleError` in its place, and reading goes on.
 
     Raises:
         SourceError: the tar is unreadable, cut or corrupt (the message names the last complete
-            sample), or a file name has no extension.
+            sample).
     """
     current: dict[str, Any] | None = None
+    problem = ""
+    seen: set[str] = set()
     last_key = None
     tarinfo, state = _end_tracking_tarinfo()
+
+    def close() -> dict[str, Any] | SampleError:
+        key = current["__key__"]  # type: ignore[index]
+        if key in seen:
+            return SampleError(source, key, "key repeats: its members are not contiguous in the tar")
+        seen.add(key)
+        return SampleError(source, key, problem) if problem else current  # type: ignore[return-value]
+
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=tarinfo) as tar:
             for member in tar:
@@ -88,23 +107,26 @@ def read_samples(fileobj: Any, source: str) -> Iterator[dict[str, Any]]:
                     continue
                 key, ext = parts
                 if current is not None and current["__key__"] != key:
-                    yield current
-                    last_key, current = current["__key__"], None
+                    yield close()
+                    last_key, current, problem = current["__key__"], None, ""
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
                 if len(data) != member.size:
                     raise tarfile.ReadError("unexpected end of data")
                 if current is None:
                     current = {"__key__": key, "__url__": source}
+                if ext in META:
+                    problem = problem or f"field {ext!r} has the name of a metadata entry"
                 elif ext in current:
-                    raise SourceError(source, f"sample {key!r}: duplicate field {ext!r}")
-                current[ext] = data
+                    problem = problem or f"duplicate field {ext!r}"
+                else:
+                    current[ext] = data
         if state["end"] != "EOFHeaderError":
             raise tarfile.ReadError(f"no end-of-archive marker ({state['end'] or 'stream ended'})")
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         where = f"after sample {last_key!r}" if last_key is not None else "before the first complete sample"
         raise SourceError(source, f"truncated or corrupt tar {where} ({type(e).__name__}: {e})") from None
     if current is not None:
-        yield current
+        yield close()
 
 
 def write_samples(fileobj: Any, samples: Iterable[dict[str, Any]]) -> int:
@@ -114,7 +136,7 @@ def write_samples(fileobj: Any, samples: Iterable[dict[str, Any]]) -> int:
         for sample in samples:
             key = sample["__key__"]
             for ext, data in sample.items():
-                if ext.startswith("__"):
+                if ext in META:
                     continue
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o444
@@ -126,21 +148,54 @@ def write_samples(fileobj: Any, samples: Iterable[dict[str, Any]]) -> int:
 # --------------------------------------------------------------------------- protecting samples
 
 
-def image_field_of(sample: dict[str, Any], image_field: str | None) -> str:
-    """The field holding a raw sample's image: ``image_field``, or the first of `IMAGE_EXTENSIONS`."""
-    if image_field is not None:
-        if image_field not in sample:
-            raise UEDatasetsError(f"no image field {image_field!r} (fields: {_fields(sample)})")
-        return image_field
-    lowered = {k.lower(): k for k in sample if not k.startswith("__")}
-    for ext in IMAGE_EXTENSIONS:
-        if ext in lowered:
-            return lowered[ext]
-    raise UEDatasetsError(f"no image field; looked for {', '.join(IMAGE_EXTENSIONS)} (fields: {_fields(sample)})")
-
-
 def _fields(sample: dict[str, Any]) -> str:
-    return ", ".join(k for k in sample if not k.startswith("__")) or "none"
+    return ", ".join(k for k in sample if k not in META) or "none"
+
+
+def image_fields(sample: dict[str, Any], image_field: str | None = None, keep_fields: Sequence[str] = ()) -> list[str]:
+    """Every field of a raw sample that holds an image (see the module docstring), in sample order.
+
+    Raises:
+        UEDatasetsError: no image field (or ``image_field`` is missing), an image format that is not
+            read, or image bytes in a field not named as an image.
+    """
+    if image_field is not None and image_field not in sample:
+        raise UEDatasetsError(f"no image field {image_field!r} (fields: {_fields(sample)})")
+    found = []
+    for k, v in sample.items():
+        if k in META or k in keep_fields:
+            continue
+        last = k.rsplit(".", 1)[-1].lower()
+        if last in UNREAD_IMAGE_EXTENSIONS:
+            raise UEDatasetsError(f"field {k!r}: {last} images are not read; convert them (png, jpg, webp...) "
+                                  "or list the field in keep_fields (--keep-field) to publish it unprotected")
+        if k == image_field or last in IMAGE_EXTENSIONS:
+            found.append(k)
+        elif isinstance(v, (bytes, bytearray, memoryview)) and looks_like_image(v):
+            raise UEDatasetsError(f"field {k!r} holds image data but is not named as an image; name it with an "
+                                  "image extension, or list it in keep_fields (--keep-field) to publish it unprotected")
+    if not found:
+        raise UEDatasetsError(f"no image field; looked for {', '.join(IMAGE_EXTENSIONS)} (fields: {_fields(sample)})")
+    return found
+
+
+def image_field_of(sample: dict[str, Any], image_field: str | None) -> str:
+    """The field holding a raw sample's (first) image: ``image_field``, or the first image field."""
+    return image_field if image_field is not None and image_field in sample else image_fields(sample, image_field)[0]
+
+
+def output_names(sample: dict[str, Any], fields: Sequence[str]) -> dict[str, str]:
+    """The name each image field's PNG is written under (see the module docstring)."""
+    taken = {k for k in sample if k not in META and k not in fields}
+    names: dict[str, str] = {}
+    for k in sorted(fields, key=lambda f: f.rsplit(".", 1)[-1].lower() != OUTPUT_FIELD):  # png fields first
+        stem = k.rsplit(".", 1)[0] + "." + OUTPUT_FIELD if "." in k else OUTPUT_FIELD
+        name = stem if stem not in taken else k + "." + OUTPUT_FIELD
+        if name in taken:
+            raise UEDatasetsError(f"image field {k!r} cannot be written: {stem!r} and {name!r} are taken")
+        taken.add(name)
+        names[k] = name
+    return names
 
 
 def label_of(sample: dict[str, Any], label_field: str) -> int:
@@ -155,22 +210,24 @@ def label_of(sample: dict[str, Any], label_field: str) -> int:
         raise UEDatasetsError(f"label field {label_field!r} is not an integer: {shown!r}") from None
 
 
-def _prepare(sample: dict[str, Any], options: ShardOptions, labelled: bool, default_source: str) -> tuple[str, Item] | SampleError:
-    """The image field and the `Item` of one raw sample, or why it cannot be protected."""
+def _prepare(sample: dict[str, Any] | SampleError, options: ShardOptions, labelled: bool,
+             default_source: str) -> tuple[dict[str, str], list[Item]] | SampleError:
+    """The output name of each image field and their `Item`s, or why the sample cannot be protected."""
+    if isinstance(sample, SampleError):
+        return sample
     key, source = sample["__key__"], sample.get("__url__", default_source)
     try:
-        ext = image_field_of(sample, options.image_field)
-        if ext != OUTPUT_FIELD and OUTPUT_FIELD in sample:
-            raise UEDatasetsError(f"image is {ext!r} but the sample already has a {OUTPUT_FIELD!r} field")
+        fields = image_fields(sample, options.image_field, options.keep_fields)
+        names = output_names(sample, fields)
         label = label_of(sample, options.label_field) if labelled else None
-        return ext, Item(key, sample[ext], label, source)
+        return names, [Item(key, sample[f], label, source, f) for f in fields]
     except UEDatasetsError as e:
         return SampleError(source, key, str(e))
 
 
 def protect_samples(
     protection: Protection,
-    samples: Iterable[dict[str, Any]],
+    samples: Iterable[dict[str, Any] | SampleError],
     options: ShardOptions = ShardOptions(),
     on_skip: Callable[[SampleError], None] | None = None,
     source: str = "<stream>",
@@ -180,34 +237,41 @@ def protect_samples(
     Args:
         protection: a fitted `Protection`.
         samples: dicts ``{"__key__": str, ext: bytes, ...}`` as ``wds.WebDataset`` yields them
-            before ``.decode()``.
+            before ``.decode()`` (or `SampleError`s in place of samples that could not be read).
         options: fields, batch size, device and error policy.
         on_skip: called with each skipped sample's error when ``options.on_error == "skip"``.
         source: name used in errors for samples without ``__url__``.
 
     Yields:
-        The same samples with the image field replaced by ``png`` bytes of the protected image.
+        The same samples with each image field replaced, in place, by the PNG bytes of its protected
+        image (under the name `output_names` gives).
     """
     labelled = needs_labels(protection)
 
     def prepared() -> Iterator[tuple[tuple[list, list], list[Item]]]:
         for group in batched(samples, options.batch_size):
             preps = [_prepare(s, options, labelled, source) for s in group]
-            yield (group, preps), [p[1] for p in preps if not isinstance(p, SampleError)]
+            yield (group, preps), [it for p in preps if not isinstance(p, SampleError) for it in p[1]]
 
-    stream = protect_encoded_stream(protection, prepared(), source, options.device, options.png_level)
+    stream = protect_encoded_stream(protection, prepared(), source, options.device, options.png_level,
+                                    max_pixels=options.max_pixels)
     for (group, preps), pngs in stream:
         done = iter(pngs)
         for sample, prep in zip(group, preps):
-            out = prep if isinstance(prep, SampleError) else next(done)
+            if isinstance(prep, SampleError):
+                out: dict[str, bytes] | SampleError = prep
+            else:
+                results = [next(done) for _ in prep[1]]
+                failed = next((r for r in results if isinstance(r, SampleError)), None)
+                out = failed if failed is not None else {it.field: r for it, r in zip(prep[1], results)}  # type: ignore[misc]
             if isinstance(out, SampleError):
                 if options.on_error == "fail":
                     raise out
                 if on_skip is not None:
                     on_skip(out)
                 continue
-            ext = prep[0]
-            yield {(OUTPUT_FIELD if k == ext else k): (out if k == ext else v) for k, v in sample.items()}
+            names = prep[0]  # type: ignore[index]
+            yield {names.get(k, k): out.get(k, v) for k, v in sample.items()}  # type: ignore[union-attr]
 
 
 def protect_stage(protection: Protection, options: ShardOptions = ShardOptions(), **kwargs: Any):
@@ -239,34 +303,36 @@ def protect_shard(
     out_url: str,
     options: ShardOptions = ShardOptions(),
     progress: Callable[[int], None] | None = None,
-) -> ShardStats:
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Rewrite one shard: protected images, everything else byte-identical, same keys and order.
 
-    Writes ``out_url`` atomically, then its stats file. A bad sample raises `SampleError` (naming the
-    shard and key) under ``on_error="fail"``; nothing is left under the output's final name.
+    Writes ``out_url`` under the commit protocol (`ue_datasets.apply.shards.commit_file`) and returns
+    its stats; an output that already checks out is kept (``resumed``). A bad sample raises
+    `SampleError` (naming the shard and key) under ``on_error="fail"``; nothing is left under the
+    output's final name.
     """
-    start = time.perf_counter()
-    stats = ShardStats(in_url, out_url, protection=protection.public())
-    keys: list[str] = []
 
-    def read(src: Any) -> Iterator[dict[str, Any]]:
-        try:
-            for sample in read_samples(src, in_url):
-                stats.samples += 1
-                if progress is not None:
-                    progress(1)
-                yield sample
-        except SourceError as e:  # truncated: keep what was read, record where it stopped
-            if options.on_error == "fail":
-                raise
-            stats.skip("", e.reason)
+    def body(f: Any, stats: ShardStats) -> list[str]:
+        keys: list[str] = []
 
-    def track(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for s in samples:
-            keys.append(s["__key__"])
-            yield s
+        def read(src: Any) -> Iterator[dict[str, Any] | SampleError]:
+            try:
+                for sample in read_samples(src, in_url):
+                    stats.samples += 1
+                    if progress is not None:
+                        progress(1)
+                    yield sample
+            except SourceError as e:  # truncated: keep what was read, record where it stopped
+                if options.on_error == "fail":
+                    raise
+                stats.skip("", e.reason)
 
-    def write(f: Any) -> None:
+        def track(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+            for s in samples:
+                keys.append(s["__key__"])
+                yield s
+
         try:
             src = fsspec.open(in_url, "rb").open()
         except OSError as e:
@@ -274,15 +340,15 @@ def protect_shard(
         with src:
             skip = lambda err: stats.skip(err.key, err.reason)  # noqa: E731
             write_samples(f, track(protect_samples(protection, read(src), options, skip, in_url)))
-        check_not_empty(stats, options, "empty shard: no samples")
+        check_not_empty(stats, in_url, options, "empty shard: no samples")
+        return keys
 
-    atomic_write(out_url, write)
-    return finish(stats, protection, keys, start)
+    return commit_file(protection, in_url, out_url, overwrite, body)
 
 
 def protect_shards(
     protection: Protection,
-    inputs: Sequence[str],
+    inputs: str | Sequence[str],
     output_dir: str,
     options: ShardOptions = ShardOptions(),
     workers: int = 1,
@@ -293,7 +359,8 @@ def protect_shards(
 
     Args:
         protection: a fitted `Protection`.
-        inputs: shard URLs (local paths or fsspec URLs such as ``memory://``; ``pipe:`` is not run).
+        inputs: shard URLs (local paths or fsspec URLs such as ``memory://``; ``pipe:`` is not run),
+            or one string as ``ue-datasets protect --input`` takes it (a brace pattern, glob or folder).
         output_dir: directory URL of the output shards (same names as the inputs).
         options: fields, batch size, device, error policy.
         workers: processes, each rewriting whole shards.
@@ -303,4 +370,12 @@ def protect_shards(
     Returns:
         The stats of every shard, in input order.
     """
-    return run(protect_shard, protection, inputs, output_dir, options, workers, overwrite, progress)
+    patterns = None
+    if isinstance(inputs, str):
+        from .sources import resolve
+
+        source = resolve(inputs)
+        if source.kind != "wds":
+            raise UEDatasetsError(f"{inputs}: not webdataset shards (found {source.kind})")
+        inputs, patterns = source.urls, source.patterns
+    return run(protect_shard, protection, inputs, output_dir, options, workers, overwrite, progress, patterns)

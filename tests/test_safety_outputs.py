@@ -1,0 +1,275 @@
+"""The user's data is sacred: no input overwritten, nothing deleted that a run did not write, one writer
+per output, a completed output is one that checks out, and every failure is one line naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import encode, make_dataset, make_samples, read_tar, write_shard
+from ue_datasets.apply.commit import OutputBusy, OutputLock
+from ue_datasets.apply.shards import ShardOptions
+from ue_datasets.apply.wds import protect_shards
+from ue_datasets.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file below ``root`` with a hash of its bytes."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _cli(*args: str) -> int:
+    return main(["protect", *args, "--no-progress", "--device", "cpu"])
+
+
+@pytest.fixture
+def prot(tmp_path, protection):
+    return str(protection.save(tmp_path / "prot"))
+
+
+@pytest.fixture
+def dataset_dir(tmp_path):
+    images, labels = make_dataset(6)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": encode(im), "path": None} for im in images],
+                                     "label": labels}, features=features)
+    ds.save_to_disk(str(tmp_path / "data" / "ds"))
+    return tmp_path / "data" / "ds"
+
+
+# --------------------------------------------------------------------------- outputs that alias the input
+
+
+@pytest.mark.parametrize("spelling", ["in/../in", "//{tmp}/in/.", "link"])
+def test_an_output_naming_the_input_folder_another_way_is_refused(tmp_path, shards, prot, capsys, spelling):
+    os.symlink(tmp_path / "in", tmp_path / "link")
+    before = _tree(tmp_path / "in")
+    out = spelling.format(tmp=str(tmp_path).lstrip("/"))
+    os.chdir(tmp_path)
+    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", out) == 2
+    assert "would overwrite it" in capsys.readouterr().err
+    assert _tree(tmp_path / "in") == before
+
+
+def test_an_output_the_input_pattern_would_read_back_is_refused(tmp_path, shards, prot, capsys):
+    before = _tree(tmp_path / "in")
+    pattern = str(tmp_path / "in" / "**" / "*.tar")
+    assert _cli("--protection", prot, "--input", pattern, "--output", str(tmp_path / "in" / "protected")) == 2
+    assert "read protected files back" in capsys.readouterr().err
+    assert _tree(tmp_path / "in") == before
+    # a plain folder input is not read recursively: a subfolder of it is a fine output
+    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "in" / "p")) == 0
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "inside"])
+def test_a_dataset_output_that_is_holds_or_lies_in_the_input_is_refused_even_with_overwrite(
+        tmp_path, dataset_dir, prot, capsys, where):
+    out = {"same": dataset_dir, "parent": dataset_dir.parent, "inside": dataset_dir / "protected"}[where]
+    before = _tree(tmp_path / "data")
+    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out), "--overwrite") == 2
+    assert "input dataset" in capsys.readouterr().err
+    assert _tree(tmp_path / "data") == before
+
+
+def test_overwrite_replaces_only_what_ue_datasets_wrote(tmp_path, dataset_dir, prot, other_protection, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out), "--overwrite") == 2
+    assert "not a dataset written by ue-datasets" in capsys.readouterr().err
+    assert _tree(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    (out / "notes.txt").unlink()
+    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out)) == 0
+    (out / "notes.txt").write_text("mine")  # the user adds a file to a finished output
+    other = str(other_protection.save(tmp_path / "other"))
+    assert _cli("--protection", other, "--input", str(dataset_dir), "--output", str(out), "--overwrite") == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert len(datasets.load_from_disk(str(out))) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "other", "out", "prot"]  # no partial, no lock
+
+
+def test_a_shard_output_folder_holding_someone_elses_file_of_that_name_is_refused(tmp_path, shards, prot, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "shard-01.tar").write_bytes(b"not ours")
+    for extra in ([], ["--overwrite"]):
+        assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                    *extra) == 2
+        assert "was not written by ue-datasets" in capsys.readouterr().err
+    assert (tmp_path / "out" / "shard-01.tar").read_bytes() == b"not ours"
+
+
+# --------------------------------------------------------------------------- one writer per output
+
+
+def test_two_concurrent_runs_into_one_folder_give_complete_identical_shards(tmp_path, protection, prot):
+    (tmp_path / "in").mkdir()
+    for i in range(8):
+        write_shard(tmp_path / "in" / f"s{i}.tar", make_samples(12, seed=i, fmt="png"))
+    cmd = [sys.executable, "-m", "ue_datasets.cli", "protect", "--protection", prot, "--input", str(tmp_path / "in"),
+           "--no-progress", "--device", "cpu"]
+    runs = [subprocess.Popen([*cmd, "--output", str(tmp_path / "out")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE) for _ in range(2)]
+    for r in runs:
+        assert r.wait(timeout=240) == 0, r.stderr.read().decode()
+    protect_shards(protection, str(tmp_path / "in"), str(tmp_path / "clean"), ShardOptions(device="cpu"),
+                   progress=False)
+    assert _tree(tmp_path / "out").keys() == _tree(tmp_path / "clean").keys()
+    for name in _tree(tmp_path / "clean"):
+        if name.endswith(".tar"):
+            assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+
+
+def test_a_file_another_process_is_writing_is_waited_for_then_taken(tmp_path, shards, protection):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from ue_datasets.apply.commit import OutputLock;"
+        f"OutputLock({str(out / 'shard-01.tar')!r}).claim(); print('held', flush=True); time.sleep(3)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"  # an orphaned writer, killed with its lock still held
+    with pytest.raises(OutputBusy):
+        OutputLock(str(out / "shard-01.tar")).claim()
+    start = time.monotonic()
+    stats = protect_shards(protection, shards, str(out), ShardOptions(device="cpu"), progress=False)
+    assert time.monotonic() - start > 1 and holder.poll() is not None
+    assert [s["resumed"] for s in stats] == [False, False, False]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"shard-{i:02d}.tar" for i in range(3)] + [f"shard-{i:02d}_stats.json" for i in range(3)])
+
+
+# --------------------------------------------------------------------------- resume trusts only what checks out
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "flip"])
+def test_a_damaged_output_is_redone_not_reported_done(tmp_path, shards, protection, damage):
+    first = protect_shards(protection, shards, str(tmp_path / "out"), ShardOptions(device="cpu"), progress=False)
+    target = tmp_path / "out" / "shard-01.tar"
+    good = target.read_bytes()
+    assert first[1]["bytes"] == len(good) and first[1]["sha256"] == hashlib.sha256(good).hexdigest()
+    if damage == "delete":
+        target.unlink()
+    elif damage == "truncate":
+        target.write_bytes(good[: len(good) // 2])
+    else:
+        target.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    again = protect_shards(protection, shards, str(tmp_path / "out"), ShardOptions(device="cpu"), progress=False)
+    assert [s["resumed"] for s in again] == [True, False, True]
+    assert target.read_bytes() == good
+
+
+def test_stats_name_files_not_paths_of_the_protectors_machine(tmp_path, shards, dataset_dir, prot):
+    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")) == 0
+    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(tmp_path / "dso")) == 0
+    for stats_file in [*(tmp_path / "out").glob("*_stats.json"), tmp_path / "dso" / "ue_datasets_stats.json"]:
+        text = stats_file.read_text()
+        assert str(tmp_path) not in text and "/tmp" not in text, stats_file
+
+
+# --------------------------------------------------------------------------- one-line errors naming the file
+
+
+def _parquet(path: Path, groups: int = 2, rows: int = 10) -> Path:
+    images, labels = make_dataset(groups * rows)
+    table = pa.table({"image": [{"bytes": encode(im), "path": None} for im in images], "label": labels})
+    pq.write_table(table, path, row_group_size=rows)
+    return path
+
+
+def test_parquet_output_keeps_the_input_row_groups(tmp_path, protection):
+    from ue_datasets.apply.parquet import protect_parquet
+
+    src = _parquet(tmp_path / "a.parquet", groups=3, rows=10)
+    protect_parquet(protection, [str(src)], str(tmp_path / "out"),
+                    ShardOptions(label_field="label", image_field="image", batch_size=4, device="cpu"), progress=False)
+    meta = pq.ParquetFile(tmp_path / "out" / "a.parquet").metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [10, 10, 10]
+
+
+def test_a_corrupt_parquet_row_group_is_one_line_naming_the_file(tmp_path, prot, capsys):
+    (tmp_path / "in").mkdir()
+    src = _parquet(tmp_path / "in" / "a.parquet")
+    meta = pq.ParquetFile(src).metadata
+    start = meta.row_group(1).column(0).file_offset
+    data = bytearray(src.read_bytes())
+    data[start - 200:start] = b"\xff" * 200  # the second row group's image pages
+    src.write_bytes(bytes(data))
+    assert _cli("--protection", prot, "--input", str(src), "--output", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a.parquet" in err and "Traceback" not in err
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith("a.parquet")]
+
+
+@pytest.mark.parametrize("damage", ["missing arrow", "truncated arrow", "bad state.json"])
+def test_a_damaged_dataset_directory_is_one_line_naming_it(tmp_path, dataset_dir, prot, capsys, damage):
+    arrow = next(dataset_dir.glob("*.arrow"))
+    if damage == "missing arrow":
+        arrow.unlink()
+    elif damage == "truncated arrow":
+        arrow.write_bytes(arrow.read_bytes()[:200])
+    else:
+        (dataset_dir / "state.json").write_text("{not json")
+    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(dataset_dir) in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_and_read_only_outputs_are_one_line_naming_the_output(tmp_path, prot, small_disk, capsys):
+    (tmp_path / "in").mkdir()
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    samples = [{"__key__": f"k{i}", "png": encode(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))),
+                "cls": b"1"} for i in range(40)]  # about 500 KiB of PNG: more than the disk holds
+    write_shard(tmp_path / "in" / "big.tar", samples)
+    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(small_disk / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "big.tar" in err and "No space left" in err
+    assert sorted(p.name for p in (small_disk / "out").iterdir()) == []
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(small_disk / "out2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out2" in err and "Read-only" in err
+
+
+# --------------------------------------------------------------------------- importing from a clone
+
+
+def test_transforms_import_from_the_clones_root_without_the_editable_finder():
+    script = (
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in str(getattr(f, '__module__', ''))];"
+        "import ue_datasets; from ue_datasets.transforms import Protect;"
+        "assert ue_datasets.__file__.startswith(sys.argv[1]), ue_datasets.__file__;"
+        "print(Protect.__module__)"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(REPO)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ue_datasets.transforms.protect"
