@@ -141,3 +141,10 @@ def test_help_prints_usage_and_exits_0(argv, capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "ue_datasets.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("ue-datasets ")
+
+
+def test_the_cli_max_pixels_default_is_the_decoders():
+    from ue_datasets import cli
+    from ue_datasets.apply.images import DEFAULT_MAX_PIXELS
+
+    assert cli.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS

@@ -141,9 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Apply a protection. SRC is webdataset shards (a .tar path or URL, a brace pattern such as "
             "'data/train-{000..009}.tar', a glob or a folder), a save_to_disk dataset directory, or parquet "
             "files; DST takes the same form (a folder of shards or parquet files with the same names, or a "
-            "dataset directory). Images are written as lossless PNG; every other field is kept byte for "
-            "byte. Each output file is written under a temporary name and renamed when complete, with a "
-            "NAME_stats.json beside it; rerunning skips completed files."
+            "dataset directory), and never the input or a place the input pattern would read back. Every "
+            "image of a sample is protected and written as lossless PNG (or the sample fails); every other "
+            "field is kept byte for byte. Each output file has one writer (NAME.lock), is written under a "
+            "partial name of its own and renamed when complete, with a NAME_stats.json (its size and sha256) "
+            "beside it; rerunning skips files that check out against their stats and redoes the rest, and a "
+            "second run into the same folder takes the files the first is not writing. Nothing that "
+            "ue-datasets did not write is replaced or deleted, with or without --overwrite."
         ),
     )
     protect.add_argument("--protection", required=True, help="artifact directory made by `ue-datasets fit`")
@@ -167,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "mask, say); repeat for several. Every other image is protected or its sample fails")
     protect.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, metavar="N",
                          help="refuse images that declare more than N pixels (width x height), before decoding")
-    protect.add_argument("--overwrite", action="store_true", help="redo outputs completed earlier")
+    protect.add_argument("--overwrite", action="store_true",
+                         help="redo outputs ue-datasets completed earlier (also with another protection)")
     protect.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     inspect = sub.add_parser("inspect", formatter_class=fmt, help="print an artifact's manifest (never its secret)",

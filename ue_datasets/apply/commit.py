@@ -219,6 +219,10 @@ class OutputLock:
         """Take the lock, or raise `OutputBusy`."""
         self._token = secrets.token_hex(8)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "token": self._token}
+        try:
+            self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+        except OSError as e:
+            raise output_error(self.url, e) from None
         if self.local:
             import fcntl
 

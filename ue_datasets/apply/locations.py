@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import fsspec
@@ -78,26 +79,18 @@ def inside(child: Location, parent: Location) -> bool:
         path = up
 
 
-def pattern_matches(pattern: str, url: str) -> bool:
-    """Whether ``url`` would be matched by the glob ``pattern`` (a path or URL with ``*?[`` in it)."""
+def _reader(pattern: str) -> Callable[[Location], bool]:
+    """A test of whether one brace-expanded input pattern (a file, folder or glob) would read a file."""
     fs, path = fsspec.core.url_to_fs(pattern)
     parts = path.split("/")
-    fixed = next(i for i, p in enumerate(parts) if any(c in p for c in GLOB_CHARS))
-    head = "/".join(parts[:fixed]) or "/"
+    fixed = next((i for i, p in enumerate(parts) if any(c in p for c in GLOB_CHARS)), None)
+    if fixed is None:  # a file reads itself; a folder, the files directly in it
+        src = locate(pattern)
+        return lambda out: same(src, out) or same(src, Location(out.protocol, posixpath.dirname(out.path)))
+    head = "/".join(parts[:fixed]) or ("/" if path.startswith("/") else ".")
     base = locate(fs.unstrip_protocol(head) if "://" in pattern else head)
-    target = locate(url)
-    if target.protocol != base.protocol:
-        return False
-    regex = glob_translate(posixpath.join(base.path, *parts[fixed:]))
-    return re.match(regex, target.path) is not None
-
-
-def reads_back(pattern: str, output: str) -> bool:
-    """Whether the input ``pattern`` (one brace-expanded input: a file, folder or glob) would read ``output``."""
-    if any(c in fsspec.core.url_to_fs(pattern)[1] for c in GLOB_CHARS):
-        return pattern_matches(pattern, output)
-    src, out = locate(pattern), locate(output)
-    return same(src, out) or same(src, Location(out.protocol, posixpath.dirname(out.path)))
+    regex = re.compile(glob_translate(posixpath.join(base.path, *parts[fixed:])))
+    return lambda out: out.protocol == base.protocol and regex.match(out.path) is not None
 
 
 def check_output(patterns: list[str], inputs: list[str], outputs: list[str]) -> None:
@@ -111,15 +104,24 @@ def check_output(patterns: list[str], inputs: list[str], outputs: list[str]) -> 
     Raises:
         UEDatasetsError: naming the output and the input it aliases.
     """
-    located = [(url, locate(url)) for url in inputs]
+    by_path: dict[tuple[str, str], str] = {}
+    by_inode: dict[tuple[int, int], str] = {}
+    for url in inputs:
+        loc = locate(url)
+        by_path[(loc.protocol, loc.path)] = url
+        inode = _inode(loc.path) if loc.local else None
+        if inode is not None:
+            by_inode[inode] = url
+    readers = [(pattern, _reader(pattern)) for pattern in patterns]
     for out in outputs:
         where = locate(out)
-        for url, loc in located:
-            if same(where, loc):
-                raise UEDatasetsError(f"{out}: is the input {url} (the output would overwrite it); "
-                                      "choose an output folder outside the input")
-        for pattern in patterns:
-            if reads_back(pattern, out):
+        inode = _inode(where.path) if where.local else None
+        url = by_path.get((where.protocol, where.path)) or (by_inode.get(inode) if inode is not None else None)
+        if url is not None:
+            raise UEDatasetsError(f"{out}: is the input {url} (the output would overwrite it); "
+                                  "choose an output folder outside the input")
+        for pattern, reads in readers:
+            if reads(where):
                 raise UEDatasetsError(f"{out}: lies where the input {pattern!r} reads from, so a rerun would "
                                       "read protected files back as input; choose an output folder outside it")
 

@@ -13,7 +13,7 @@ import fsspec
 
 from ..apply.core import resolve_device
 from ..apply.sources import HF_STATS, resolve
-from ..apply.shards import stats_url
+from ..apply.commit import stats_url
 from ..errors import UEDatasetsError
 from ..version import __version__
 from .data import LabelledImages, align, load_labelled
