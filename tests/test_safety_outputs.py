@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import encode, make_dataset, make_samples, read_tar, write_shard
+from ue_datasets import UEDatasetsError
 from ue_datasets.apply.commit import OutputBusy, OutputLock
 from ue_datasets.apply.shards import ShardOptions
 from ue_datasets.apply.wds import protect_shards
@@ -112,6 +113,54 @@ def test_a_shard_output_folder_holding_someone_elses_file_of_that_name_is_refuse
     assert (tmp_path / "out" / "shard-01.tar").read_bytes() == b"not ours"
 
 
+def test_a_chained_url_output_is_refused(tmp_path, shards, prot, capsys):
+    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o1")) == 0
+    before = _tree(tmp_path / "o1")
+    out = f"simplecache::file://{tmp_path / 'o1'}"
+    assert _cli("--protection", prot, "--input", str(tmp_path / "o1"), "--output", out, "--overwrite") == 2
+    assert "chained fsspec URLs" in capsys.readouterr().err
+    assert _tree(tmp_path / "o1") == before
+
+
+def test_files_named_like_ours_that_we_did_not_write_are_kept(tmp_path, shards, prot, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shard-00.tar.partial-backup").mkdir()
+    (out / "shard-00.tar.partial-backup" / "f").write_text("mine")
+    (out / "shard-01.tar.partial-old").write_text("mine")
+    (out / "shard-02.tar.lock").write_text("my notes")
+    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(out)) == 2
+    assert "not a ue-datasets lock file" in capsys.readouterr().err
+    (out / "shard-02.tar.lock").rename(tmp_path / "notes")
+    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(out)) == 0
+    assert (out / "shard-00.tar.partial-backup" / "f").read_text() == "mine"
+    assert (out / "shard-01.tar.partial-old").read_text() == "mine"
+
+
+def test_dataset_stats_naming_files_outside_the_output_are_not_trusted(tmp_path, dataset_dir, prot, capsys):
+    out = tmp_path / "out"
+    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out)) == 0
+    (tmp_path / "victim.txt").write_text("mine")
+    stats = json.loads((out / "ue_datasets_stats.json").read_text())
+    stats["files"].update({"../victim.txt": None, str(tmp_path / "victim.txt"): None})
+    (out / "ue_datasets_stats.json").write_text(json.dumps(stats))
+    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out), "--overwrite") == 2
+    assert "not a dataset written by ue-datasets" in capsys.readouterr().err
+    assert (tmp_path / "victim.txt").read_text() == "mine"
+
+
+def test_a_dataset_output_file_that_we_did_not_write_is_not_replaced(tmp_path, dataset_dir, prot, capsys):
+    out = tmp_path / "out"
+    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out)) == 0
+    (out / "dataset_dict.json").write_text("mine")
+    splits = datasets.DatasetDict({"train": datasets.load_from_disk(str(dataset_dir))})
+    splits.save_to_disk(str(tmp_path / "dsd"))
+    assert _cli("--protection", prot, "--input", str(tmp_path / "dsd"), "--output", str(out), "--overwrite") == 2
+    assert "dataset_dict.json, which ue-datasets did not write" in capsys.readouterr().err
+    assert (out / "dataset_dict.json").read_text() == "mine"
+    assert len(datasets.load_from_disk(str(out))) == 6  # the previous output is untouched
+
+
 # --------------------------------------------------------------------------- one writer per output
 
 
@@ -171,6 +220,83 @@ def test_a_damaged_output_is_redone_not_reported_done(tmp_path, shards, protecti
     assert target.read_bytes() == good
 
 
+def test_a_rerun_with_other_settings_or_a_changed_input_redoes_the_output(tmp_path, protection):
+    samples = make_samples(3, fmt="png")
+    for s in samples:
+        s["seg.png"] = encode(make_dataset(1)[0][0])
+    shard = write_shard(tmp_path / "in.tar", samples)
+    keep = ShardOptions(device="cpu", keep_fields=("seg.png",))
+    (first,) = protect_shards(protection, [shard], str(tmp_path / "out"), keep, progress=False)
+    assert read_tar(tmp_path / "out" / "in.tar")[0]["seg.png"] == samples[0]["seg.png"]
+    (again,) = protect_shards(protection, [shard], str(tmp_path / "out"), ShardOptions(device="cpu"), progress=False)
+    assert again["resumed"] is False
+    assert read_tar(tmp_path / "out" / "in.tar")[0]["seg.png"] != samples[0]["seg.png"]
+    write_shard(tmp_path / "in.tar", make_samples(4, seed=9, fmt="png"))
+    (changed,) = protect_shards(protection, [shard], str(tmp_path / "out"), ShardOptions(device="cpu"),
+                                progress=False)
+    assert changed["resumed"] is False and changed["written"] == 4
+
+
+def test_a_concurrent_run_with_another_protection_is_reported_not_hidden(tmp_path, shards, protection,
+                                                                         other_protection):
+    from ue_datasets.apply import shards as shard_run
+    from ue_datasets.apply.wds import protect_shard
+
+    def rival(prot, in_url, out_url, options, progress, overwrite):
+        stats = protect_shard(prot, in_url, out_url, options, progress, overwrite)
+        if in_url == shards[-1]:  # meanwhile, another run with another protection rewrites the first file
+            protect_shard(other_protection, shards[0], out_url.replace("shard-02", "shard-00"), options, None, True)
+        return stats
+
+    with pytest.raises(UEDatasetsError, match="another run with another protection"):
+        shard_run.run(rival, protection, shards, str(tmp_path / "out"), ShardOptions(device="cpu"), progress=False)
+
+
+def test_workers_die_with_a_killed_run(tmp_path, prot):
+    import signal
+    import uuid
+
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):  # big enough that a worker is still busy well after the kill
+        write_shard(tmp_path / "in" / f"s{i}.tar", [
+            {"__key__": f"k{j:04d}", "png": encode(Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))),
+             "cls": b"1"} for j in range(600)])
+    mark = uuid.uuid4().hex
+    run = subprocess.Popen([sys.executable, "-m", "ue_datasets.cli", "protect", "--protection", prot, "--input",
+                            str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--workers", "2",
+                            "--batch-size", "4", "--no-progress", "--device", "cpu"],
+                           env={**os.environ, "UE_TEST_MARK": mark}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+
+    def marked() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if f"UE_TEST_MARK={mark}".encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                    found.append(int(pid))
+            except OSError:
+                pass
+        return found
+
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out").glob("*.partial-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(marked()) >= 2, "the workers should be writing"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 1.5
+    while marked() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marked() == [], "orphaned workers go on after the run was killed"
+    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                "--workers", "2") == 0
+    assert not [p for p in (tmp_path / "out").iterdir() if ".partial-" in p.name or p.suffix == ".lock"]
+
+
 def test_stats_name_files_not_paths_of_the_protectors_machine(tmp_path, shards, dataset_dir, prot):
     assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")) == 0
     assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(tmp_path / "dso")) == 0
@@ -228,6 +354,20 @@ def test_a_damaged_dataset_directory_is_one_line_naming_it(tmp_path, dataset_dir
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_that_is_a_file_and_a_bad_dataset_info_are_one_line_errors(tmp_path, shards, dataset_dir,
+                                                                              prot, capsys):
+    (tmp_path / "afile").write_text("mine")
+    for src in (str(tmp_path / "in"), str(dataset_dir)):
+        assert _cli("--protection", prot, "--input", src, "--output", str(tmp_path / "afile")) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "afile" in err and "is a file" in err
+    assert (tmp_path / "afile").read_text() == "mine"
+    (dataset_dir / "dataset_info.json").write_text("null")
+    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(dataset_dir) in err
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 256 KiB tmpfs (root only; skipped where mounting is not allowed)."""
@@ -251,7 +391,7 @@ def test_disk_full_and_read_only_outputs_are_one_line_naming_the_output(tmp_path
     write_shard(tmp_path / "in" / "big.tar", samples)
     assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(small_disk / "out")) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "big.tar" in err and "No space left" in err
+    assert len(err.splitlines()) == 1 and "big.tar" in err and "No space left" in err and ".partial-" not in err
     assert sorted(p.name for p in (small_disk / "out").iterdir()) == []
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(small_disk / "out2")) == 2

@@ -236,3 +236,84 @@ def test_datasets_num_proc_2_works_after_torch_ran_in_the_parent(tmp_path):
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- images hidden elsewhere
+
+
+def _ppm(h=4, w=4) -> bytes:
+    return f"P6\n{w} {h}\n255\n".encode() + RNG.integers(0, 256, (h, w, 3), dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("field,data", [
+    ("seg.png.gz", __import__("gzip").compress(encode(_rgb()))),
+    ("bin", encode(_rgb(), "BMP")),
+    ("dat", _ppm()),
+    ("__meta__", encode(_rgb())),
+], ids=["gzipped-png", "bmp-bytes", "ppm-bytes", "dunder-field"])
+def test_images_hidden_in_other_fields_fail_their_sample(protection, tmp_path, field, data):
+    samples = make_samples(2, fmt="png")
+    samples[0][field] = data
+    stats, out = _protect(protection, tmp_path, samples, on_error="skip")
+    assert [s["__key__"] for s in out] == [samples[1]["__key__"]]
+    assert stats["skipped"][0]["key"] == samples[0]["__key__"]
+
+
+def _planar_tiff16() -> bytes:
+    """An 8 x 8 RGB TIFF, 16 bits per sample, planar configuration 2 (Pillow unpacks it band by band)."""
+    data = RNG.integers(0, 65535, (3, 8, 8), dtype=np.uint16).astype("<u2").tobytes()
+    bps = struct.pack("<3H", 16, 16, 16)
+    off_data = 8 + len(bps)
+    entries = sorted([(256, 4, 1, 8), (257, 4, 1, 8), (258, 3, 3, 8), (259, 3, 1, 1), (262, 3, 1, 2),
+                      (273, 4, 1, off_data), (277, 3, 1, 3), (278, 4, 1, 8), (279, 4, 1, len(data)), (284, 3, 1, 2)])
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + b"\0\0\0\0"
+    return b"II*\0" + struct.pack("<I", off_data + len(data)) + bps + data + ifd
+
+
+def test_a_planar_16_bit_tiff_is_refused_not_reduced():
+    with pytest.raises(ImageFormatError, match="more than 8 bits"):
+        decode(_planar_tiff16())
+
+
+def test_parquet_images_in_other_columns_fail_their_row_or_the_file(protection, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ue_datasets import SourceError
+    from ue_datasets.apply.parquet import protect_parquet
+
+    images = [encode(_rgb()) for _ in range(3)]
+    options = ShardOptions(label_field="label", image_field="image", device="cpu", on_error="skip")
+    blobs = [b"npy bytes", encode(_rgb()), b"more"]
+    pq.write_table(pa.table({"image": images, "label": [1, 2, 3], "extra": blobs}), tmp_path / "a.parquet")
+    (stats,) = protect_parquet(protection, [str(tmp_path / "a.parquet")], str(tmp_path / "out"), options,
+                               progress=False)
+    assert stats["written"] == 2 and stats["skipped"][0]["key"] == "1" and "'extra'" in stats["skipped"][0]["reason"]
+    pairs = pa.array([[{"bytes": im, "path": None}] for im in images])
+    pq.write_table(pa.table({"image": images, "label": [1, 2, 3], "views": pairs}), tmp_path / "b.parquet")
+    with pytest.raises(SourceError, match="'views' hold images too"):
+        protect_parquet(protection, [str(tmp_path / "b.parquet")], str(tmp_path / "out"), options, progress=False)
+    assert not (tmp_path / "out" / "b.parquet").exists()
+
+
+def test_datasets_images_in_other_columns_are_refused_or_fail_their_row(protection):
+    import datasets
+
+    from ue_datasets import UEDatasetsError
+    from ue_datasets.apply.hf import protect_dataset
+
+    rows = [{"bytes": encode(_rgb()), "path": None} for _ in range(3)]
+    nested = datasets.Dataset.from_dict(
+        {"image": rows, "label": [0, 1, 2], "views": [[r] for r in rows]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
+                                    "views": datasets.Sequence(datasets.Image())}))
+    with pytest.raises(UEDatasetsError, match="'views' hold images too"):
+        protect_dataset(nested, protection, device="cpu")
+    assert len(protect_dataset(nested, protection, device="cpu", keep_columns=["views"])) == 3
+    binary = datasets.Dataset.from_dict(
+        {"image": rows, "label": [0, 1, 2], "blob": [b"x", encode(_rgb()), b"y"]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
+                                    "blob": datasets.Value("binary")}))
+    skipped: list = []
+    out = protect_dataset(binary, protection, device="cpu", on_error="skip", skipped=skipped)
+    assert len(out) == 2 and [s["key"] for s in skipped] == ["1"] and "'blob'" in skipped[0]["reason"]

@@ -109,7 +109,7 @@ def test_tar_gz_input_is_read_and_written_as_plain_tar(protection, tmp_path):
     gz = tmp_path / "shard.tar.gz"
     gz.write_bytes(gzip.compress(buf.getvalue()))
     stats = protect(protection, [gz], tmp_path / "out")
-    assert stats[0]["input"] == stats[0]["output"] == "shard.tar"
+    assert (stats[0]["input"], stats[0]["output"]) == ("shard.tar.gz", "shard.tar")
     assert [s["__key__"] for s in read_tar(tmp_path / "out" / "shard.tar")] == [s["__key__"] for s in make_samples(3)]
 
 

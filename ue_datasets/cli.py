@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a field/column that holds images but is published unprotected (a segmentation "
                               "mask, say); repeat for several. Every other image is protected or its sample fails")
     protect.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, metavar="N",
-                         help="refuse images that declare more than N pixels (width x height), before decoding")
+                         help="refuse images that declare more than N pixels (width x height), before decoding "
+                              "(Pillow itself refuses more than 2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 million)")
     protect.add_argument("--overwrite", action="store_true",
                          help="redo outputs ue-datasets completed earlier (also with another protection)")
     protect.add_argument("--no-progress", action="store_true", help="no progress bars")

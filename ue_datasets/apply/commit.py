@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import secrets
 import socket
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ..errors import OutputError, UEDatasetsError
+from ..errors import OutputError, SourceError, UEDatasetsError
 
 LOCK_SUFFIX = ".lock"
 PARTIAL_INFIX = ".partial-"
@@ -63,13 +64,19 @@ def stats_url(out_url: str) -> str:
 
 
 def partial_url(url: str) -> str:
-    """A name for ``url``'s partial file that no other writer uses."""
+    """A name for ``url``'s partial file that no other writer uses: ``URL.partial-PID-8HEX``."""
     return f"{url}{PARTIAL_INFIX}{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def is_partial_of(name: str, base: str) -> bool:
-    """Whether file name ``name`` is a partial file of output ``base`` (as `partial_url` names them)."""
-    return name.startswith(base + PARTIAL_INFIX)
+    """Whether file name ``name`` is a partial file of output ``base``, exactly as `partial_url` names them."""
+    return re.fullmatch(re.escape(base + PARTIAL_INFIX) + r"[0-9]+-[0-9a-f]{8}", name) is not None
+
+
+def final_url(url: str) -> str:
+    """The output a partial file is written for (``url`` itself when it is not a partial name)."""
+    head, sep, tail = url.rpartition(PARTIAL_INFIX)
+    return head if sep and re.fullmatch(r"[0-9]+-[0-9a-f]{8}", tail) else url
 
 
 def output_error(url: str, e: OSError) -> OutputError:
@@ -116,7 +123,8 @@ class _Hashing:
 def write_hashed(url: str, write: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
     """Run ``write(fileobj)`` into ``url`` (a partial name), returning its result and ``{bytes, sha256}``.
 
-    The file is removed when ``write`` fails. OS errors on the output become `OutputError`.
+    The file is removed when ``write`` fails. OS errors on the output become `OutputError` naming the
+    output the partial file is for.
     """
     fs, path = fsspec.core.url_to_fs(url)
     try:
@@ -125,7 +133,7 @@ def write_hashed(url: str, write: Callable[[Any], Any]) -> tuple[Any, dict[str, 
                 hashed = _Hashing(f)
                 result = write(hashed)
         except OSError as e:
-            raise output_error(url, e) from None
+            raise output_error(final_url(url), e) from None
     except BaseException:
         try:
             fs.rm(path)
@@ -153,7 +161,15 @@ def rename(src: str, dst: str) -> None:
         else:
             fs.mv(a, b)
     except OSError as e:
-        raise output_error(dst, e) from None
+        raise output_error(final_url(dst), e) from None
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def read_json(url: str) -> dict[str, Any] | None:
@@ -161,10 +177,9 @@ def read_json(url: str) -> dict[str, Any] | None:
     fs, path = fsspec.core.url_to_fs(url)
     try:
         with fs.open(path, "rb") as f:
-            data = json.loads(f.read())
-    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            return _json_object(f.read())
+    except OSError:  # missing, a folder, below a file
         return None
-    return data if isinstance(data, dict) else None
 
 
 def file_digest(url: str) -> dict[str, Any] | None:
@@ -179,6 +194,34 @@ def file_digest(url: str) -> dict[str, Any] | None:
     except (FileNotFoundError, IsADirectoryError):
         return None
     return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def _modified(info: dict[str, Any]) -> str | None:
+    value = info.get("mtime", info.get("LastModified", info.get("last_modified", info.get("created"))))
+    return None if value is None else str(value)
+
+
+def source_identity(url: str) -> dict[str, Any]:
+    """What a rerun compares to tell that an input is unchanged: a file's size and modification time,
+    or a digest of a folder's listing (relative names, sizes and times).
+
+    Raises:
+        SourceError: the input cannot be found or read.
+    """
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        return _identity(fs, path)
+    except OSError as e:
+        raise SourceError(url, f"cannot open ({type(e).__name__}: {e})") from None
+
+
+def _identity(fs: Any, path: str) -> dict[str, Any]:
+    if fs.isdir(path):
+        listing = sorted((posixpath.relpath(p, path), info.get("size"), _modified(info))
+                         for p, info in fs.find(path, detail=True).items())
+        return {"listing": hashlib.sha256(json.dumps(listing).encode()).hexdigest()}
+    info = fs.info(path)
+    return {"bytes": info.get("size"), "modified": _modified(info)}
 
 
 def checks_out(url: str, recorded: dict[str, Any] | None) -> bool:
@@ -244,6 +287,11 @@ class OutputLock:
                 if same_file:  # else its holder removed it between our open and flock: take the new one
                     break
                 os.close(fd)
+            before = os.pread(fd, 4096, 0)
+            if before and "token" not in (_json_object(before) or {}):
+                os.close(fd)
+                raise UEDatasetsError(f"{self.lock_url}: exists and is not a ue-datasets lock file; "
+                                      "move it away or choose another output folder")
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps(info).encode())
             self._fd = fd
@@ -263,10 +311,15 @@ class OutputLock:
         return self
 
     def held(self) -> bool:
-        """Whether this object holds the lock now."""
+        """Whether this object holds the lock now, and the lock file is still the one it locked."""
         if self._fd is None:
             return False
-        return self.local or (read_json(self.lock_url) or {}).get("token") == self._token
+        if self.local:
+            try:
+                return os.fstat(self._fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                return False
+        return (read_json(self.lock_url) or {}).get("token") == self._token
 
     def release(self) -> None:
         """Remove the lock file and let go of the lock."""
@@ -288,17 +341,21 @@ class OutputLock:
         self.release()
 
 
-def remove_partials(url: str) -> None:
-    """Remove partial files of ``url`` left by killed runs (only called while holding its lock)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    head, base = posixpath.split(path)
-    try:
-        names = fs.ls(head or ".", detail=False)
-    except (FileNotFoundError, OSError):
-        return
-    for name in names:
-        if is_partial_of(posixpath.basename(name), base):
-            try:
-                fs.rm(name, recursive=True)
-            except (FileNotFoundError, OSError):
-                pass
+def remove_partials(*urls: str) -> None:
+    """Remove partial files of ``urls`` left by killed runs (called while holding their output's lock).
+
+    Only names exactly of `partial_url`'s form are removed.
+    """
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url)
+        head, base = posixpath.split(path)
+        try:
+            names = fs.ls(head or ".", detail=False)
+        except OSError:
+            continue
+        for name in names:
+            if is_partial_of(posixpath.basename(name), base):
+                try:
+                    fs.rm(name, recursive=True)
+                except OSError:
+                    pass

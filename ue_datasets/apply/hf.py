@@ -35,7 +35,7 @@ from ..errors import SampleError, UEDatasetsError
 from ..version import __version__
 from .core import needs_labels
 from .encoded import Item, protect_encoded
-from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
+from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL, holds_image
 
 
 #: The process that imported this module; a forked child inherits it, a spawned one imports anew.
@@ -69,6 +69,8 @@ class ProtectMap:
         as_bytes: return raw PNG bytes instead of ``{"bytes", "path": None}`` (for binary columns).
         source: name used in error messages.
         max_pixels: images that declare more pixels (width x height) are refused before decoding.
+        keep_columns: columns passed on as they are although they hold images; image data in any other
+            column fails its row, so no image is published unprotected.
 
     Call: ``fn(batch: dict[str, list], indices: list[int] | None = None, rank: int | None = None)``.
     """
@@ -86,6 +88,7 @@ class ProtectMap:
         source: str = "dataset",
         skipped: list[dict[str, str]] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        keep_columns: tuple[str, ...] | list[str] = (),
     ):
         if on_error not in ("fail", "skip"):
             raise UEDatasetsError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
@@ -100,6 +103,7 @@ class ProtectMap:
         self.image_column, self.label_column, self.key_column = image_column, label_column, key_column
         self.device, self.on_error, self.png_level = device, on_error, png_level
         self.as_bytes, self.source, self.max_pixels = as_bytes, source, max_pixels
+        self.keep_columns = tuple(keep_columns)
         self.skipped: list[dict[str, str]] = [] if skipped is None else skipped
 
     def __getstate__(self) -> dict[str, Any]:
@@ -125,7 +129,7 @@ class ProtectMap:
         """
         spec = json.dumps(
             [__version__, self.protection_id, self.image_column, self.label_column, self.key_column, self.on_error,
-             self.png_level, self.as_bytes, previous],
+             self.png_level, self.as_bytes, self.max_pixels, list(self.keep_columns), previous],
             sort_keys=True,
         )
         return "ue-" + hashlib.sha256(spec.encode()).hexdigest()[:32]
@@ -174,6 +178,12 @@ class ProtectMap:
         items = [Item(keys[i], self._image(images[i]), labels[i]) for i in range(n)]
         results = protect_encoded(protection, items, self.source, self._device(rank), self.png_level,
                                   max_pixels=self.max_pixels)
+        others = [c for c in batch if c != self.image_column and c not in self.keep_columns]
+        for i in range(n):
+            hidden = next((c for c in others if holds_image(batch[c][i])), None)
+            if hidden is not None and not isinstance(results[i], SampleError):
+                results[i] = SampleError(self.source, keys[i], f"column {hidden!r} holds image data; protect it in "
+                                         "another pass, or list it in keep_columns to keep it as is")
         keep = []
         for i, r in enumerate(results):
             if isinstance(r, SampleError):
@@ -186,6 +196,20 @@ class ProtectMap:
         out = {col: [values[i] for i in keep] for col, values in batch.items()} if len(keep) < n else dict(batch)
         out[self.image_column] = [results[i] if self.as_bytes else {"bytes": results[i], "path": None} for i in keep]
         return out
+
+
+def _has_image(feature: Any) -> bool:
+    """Whether a ``datasets`` feature is, or holds at any depth, an ``Image``."""
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return True
+    if isinstance(feature, dict):
+        return any(_has_image(f) for f in feature.values())
+    if isinstance(feature, (list, tuple)):
+        return any(_has_image(f) for f in feature)
+    inner = getattr(feature, "feature", None)
+    return inner is not None and _has_image(inner)
 
 
 def _is_image_feature(features: Any, column: str) -> bool:
@@ -236,7 +260,7 @@ def protect_dataset(
         })
     features = dataset.features
     others = [c for c, f in (features or {}).items()
-              if isinstance(f, datasets.Image) and c != image_column and c not in keep_columns]
+              if _has_image(f) and c != image_column and c not in keep_columns]
     if others:
         raise UEDatasetsError(f"{source}: column(s) {', '.join(map(repr, others))} hold images too and would be "
                               "published unprotected; protect them in another pass (image_column), or list them "
@@ -246,7 +270,7 @@ def protect_dataset(
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     fn = ProtectMap(protection, image_column, label_column, key_column, device, on_error, png_level,
                     as_bytes=not _is_image_feature(features, image_column), source=source, skipped=skipped,
-                    max_pixels=max_pixels)
+                    max_pixels=max_pixels, keep_columns=keep_columns)
     if isinstance(dataset, datasets.IterableDataset):
         # IterableDataset.map(features=...) takes the output as already decoded; cast decodes the PNGs.
         mapped = dataset.map(fn, batched=True, batch_size=batch_size, with_indices=True, **map_kwargs)

@@ -54,7 +54,11 @@ _PACKED_RAWMODES = {"BGR;15", "BGR;16", "RGB;15", "RGB;16", "BGRA;15", "RGBA;15"
 _ICC_SPACE = {"L": b"GRAY", "LA": b"GRAY", "RGB": b"RGB ", "RGBA": b"RGB "}
 #: Leading bytes of image formats, to catch an image in a field not named as one.
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  ",
-          b"\xff\x0a")
+          b"\xff\x0a", b"qoif", b"8BPS")
+#: A Netpbm header: P1..P6, then width and height (comments allowed).
+_NETPBM = re.compile(rb"P[1-6](\s+(#[^\n]*\n)?)+\d+\s+(#[^\n]*\n\s*)?\d+\s")
+#: Sizes of the BMP info headers (core, v2..v5).
+_BMP_HEADERS = {12, 40, 52, 56, 64, 108, 124}
 
 
 class ImageFormatError(UEDatasetsError):
@@ -70,13 +74,32 @@ class Decoded:
 
 
 def looks_like_image(data: bytes) -> bool:
-    """Whether ``data`` starts like an image file (PNG, JPEG, GIF, TIFF, WebP, JPEG 2000/XL, AVIF/HEIF)."""
-    head = bytes(data[:16])
+    """Whether ``data`` starts like an image file: PNG, JPEG, GIF, TIFF, WebP, BMP, PPM/PGM/PBM, JPEG
+    2000 and XL, AVIF/HEIF, QOI or PSD."""
+    head = bytes(data[:64])
     if head.startswith(_MAGIC):
         return True
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return True
+    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADERS:
+        return True
+    if _NETPBM.match(head):
+        return True
     return head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")
+
+
+def holds_image(value: object) -> bool:
+    """Whether a field or cell value holds an image anywhere: image bytes, a PIL image, or either
+    inside a dict or list (``{bytes, path}`` structs, sequences of images)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return looks_like_image(value)
+    if isinstance(value, Image.Image):
+        return True
+    if isinstance(value, dict):
+        return any(holds_image(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(holds_image(v) for v in value)
+    return False
 
 
 def normalize_mode(img: Image.Image) -> Image.Image:
@@ -99,6 +122,10 @@ def normalize_mode(img: Image.Image) -> Image.Image:
 
 
 def _deeper_than_8_bits(img: Image.Image) -> bool:
+    if img.format == "TIFF":  # planar TIFFs unpack per band ("R", "G"...): read the depth from the tags
+        bits = getattr(img, "tag_v2", {}).get(258)  # BitsPerSample
+        if bits is not None and max(bits if isinstance(bits, tuple) else (bits,)) > 8:
+            return True
     for tile in getattr(img, "tile", None) or []:
         args = tile[3] if len(tile) > 3 else None
         if isinstance(args, tuple) and len(args) == 2 and isinstance(args[1], int) and img.format == "PPM":

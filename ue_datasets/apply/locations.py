@@ -36,8 +36,10 @@ class Location:
 
 
 def locate(url: str) -> Location:
-    """The `Location` of a path or fsspec URL (it need not exist)."""
-    fs, path = fsspec.core.url_to_fs(str(url))
+    """The `Location` of a path or fsspec URL (it need not exist); a chained URL (``a::b``) is located
+    by its last part, the filesystem that holds the data."""
+    url = str(url).rsplit("::", 1)[-1]
+    fs, path = fsspec.core.url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
         real = os.path.realpath(path)
         return Location("file", "/" + real.lstrip("/") if real.startswith("//") else real)
@@ -104,6 +106,7 @@ def check_output(patterns: list[str], inputs: list[str], outputs: list[str]) -> 
     Raises:
         UEDatasetsError: naming the output and the input it aliases.
     """
+    _refuse_chained(outputs)
     by_path: dict[tuple[str, str], str] = {}
     by_inode: dict[tuple[int, int], str] = {}
     for url in inputs:
@@ -126,8 +129,16 @@ def check_output(patterns: list[str], inputs: list[str], outputs: list[str]) -> 
                                       "read protected files back as input; choose an output folder outside it")
 
 
+def _refuse_chained(outputs: list[str]) -> None:
+    chained = next((o for o in outputs if "::" in str(o)), None)
+    if chained is not None:
+        raise UEDatasetsError(f"{chained}: chained fsspec URLs (a::b) are not accepted as outputs; "
+                              "give the URL of the filesystem that holds the output")
+
+
 def check_dataset_output(src: str, dst: str) -> None:
     """Refuse a dataset directory output that is, holds, or lies inside its input directory."""
+    _refuse_chained([dst])
     a, b = locate(src), locate(dst)
     if same(a, b):
         raise UEDatasetsError(f"{dst}: is the input dataset {src}; choose another output directory")

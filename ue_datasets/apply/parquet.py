@@ -4,8 +4,9 @@ The image column is a Hugging Face ``Image`` struct (``{bytes, path}``) or a pla
 protected images are written as lossless PNG bytes with ``path`` null. Every other column, the schema
 and its metadata (the ``huggingface`` features entry) are kept, so ``datasets`` reads the output with
 the same features, and each input row group gives one output row group (less its skipped rows).
-Another column of images (an ``Image`` feature, or ``{bytes, path}`` structs) fails the file unless it
-is listed in ``keep_fields``: no image is published unprotected. Sample keys are the key column when
+Another column of images (an ``Image`` feature, or ``{bytes, path}`` structs, at any depth) fails the
+file, and image bytes in any other column fail their row, unless the column is listed in
+``keep_fields``: no image is published unprotected. Sample keys are the key column when
 given, else the row index within the file. Files are written and resumed as webdataset shards are
 (`ue_datasets.apply.shards`).
 """
@@ -24,6 +25,7 @@ from ..artifact import Protection
 from ..errors import SampleError, SourceError, UEDatasetsError
 from .core import needs_labels
 from .encoded import Item, batched, protect_encoded_stream
+from .images import holds_image
 from .shards import ShardOptions, ShardStats, check_not_empty, commit_file, run
 
 
@@ -37,20 +39,46 @@ def _image_value(value: Any) -> Any:
     return value
 
 
+def _has_image_feature(feature: Any) -> bool:
+    if isinstance(feature, dict):
+        return feature.get("_type") == "Image" or any(_has_image_feature(v) for v in feature.values())
+    if isinstance(feature, list):
+        return any(_has_image_feature(v) for v in feature)
+    return False
+
+
+def _is_image_struct(t: pa.DataType) -> bool:
+    return pa.types.is_struct(t) and {t.field(i).name for i in range(t.num_fields)} == {"bytes", "path"}
+
+
+def _nested(t: pa.DataType) -> list[pa.DataType]:
+    if pa.types.is_struct(t):
+        return [t.field(i).type for i in range(t.num_fields)]
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return [t.value_type]
+    if pa.types.is_map(t):
+        return [t.key_type, t.item_type]
+    return []
+
+
+def _holds(t: pa.DataType, test: Callable[[pa.DataType], bool]) -> bool:
+    return test(t) or any(_holds(u, test) for u in _nested(t))
+
+
+def _binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+
+
 def image_columns(schema: pa.Schema) -> list[str]:
-    """Columns that hold images: ``Image`` features in the ``huggingface`` metadata, or ``{bytes, path}`` structs."""
-    found = []
+    """Columns that hold images, at any depth: ``Image`` features in the ``huggingface`` metadata, or
+    ``{bytes, path}`` structs."""
     try:
         features = json.loads((schema.metadata or {}).get(b"huggingface", b"{}")).get("info", {}).get("features", {})
     except (ValueError, AttributeError):
         features = {}
-    for f in schema:
-        feature = features.get(f.name) if isinstance(features, dict) else None
-        is_struct = pa.types.is_struct(f.type) and {f.type.field(i).name for i in range(f.type.num_fields)} == {
-            "bytes", "path"}
-        if (isinstance(feature, dict) and feature.get("_type") == "Image") or is_struct:
-            found.append(f.name)
-    return found
+    if not isinstance(features, dict):
+        features = {}
+    return [f.name for f in schema if _has_image_feature(features.get(f.name)) or _holds(f.type, _is_image_struct)]
 
 
 def protect_parquet_file(
@@ -99,6 +127,8 @@ def protect_parquet_file(
                                       f"list them with --keep-field to keep them as they are")
         image_type = schema.field(image_col).type
         image_index = schema.get_field_index(image_col)
+        scanned = [f.name for f in schema  # where an image could hide: every other column with bytes in it
+                   if f.name != image_col and f.name not in options.keep_fields and _holds(f.type, _binary)]
         written: list[str] = []
         offset = 0
 
@@ -106,8 +136,9 @@ def protect_parquet_file(
             nonlocal offset
             for g in range(parquet.num_row_groups):
                 table = read_group(parquet, g)
-                rows = table.select([c for c in (image_col, label_col if labelled else None, options.key_field)
-                                     if c]).to_pydict()
+                wanted = [image_col, *([label_col] if labelled else []), *([options.key_field] if options.key_field
+                                                                             else []), *scanned]
+                rows = table.select(list(dict.fromkeys(wanted))).to_pydict()
                 n = table.num_rows
                 keys = [str(k) for k in rows[options.key_field]] if options.key_field else [
                     str(offset + i) for i in range(n)]
@@ -115,6 +146,10 @@ def protect_parquet_file(
                 outcome: dict[int, Any] = {}  # row -> Item to protect, or its SampleError
                 for i in range(n):
                     try:
+                        hidden = next((c for c in scanned if holds_image(rows[c][i])), None)
+                        if hidden is not None:
+                            raise UEDatasetsError(f"column {hidden!r} holds image data; protect it in another pass "
+                                                  "(--image-field), or list it with --keep-field to keep it as is")
                         label = rows[label_col][i] if labelled else None
                         outcome[i] = Item(keys[i], _image_value(rows[image_col][i]), label)
                     except UEDatasetsError as e:
@@ -157,7 +192,7 @@ def protect_parquet_file(
                     progress(n)
         return written
 
-    return commit_file(protection, in_url, out_url, overwrite, body)
+    return commit_file(protection, in_url, out_url, options, overwrite, body)
 
 
 def protect_parquet(

@@ -27,8 +27,8 @@ from ..artifact import Protection
 from ..errors import SourceError, UEDatasetsError
 from ..version import __version__
 from .commit import (
-    OutputBusy, OutputLock, checks_out, output_error, partial_url, read_json, remove_partials, rename, stats_url,
-    write_hashed, write_json,
+    OutputBusy, OutputLock, checks_out, output_error, partial_url, read_json, remove_partials, rename,
+    source_identity, stats_url, write_hashed, write_json,
 )
 from .core import needs_keys, resolve_device, selected
 from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
@@ -81,6 +81,13 @@ class ShardOptions:
     def replace(self, **changes: Any) -> ShardOptions:
         return ShardOptions(**{**asdict(self), **changes})
 
+    def settings(self) -> dict[str, Any]:
+        """The options that decide an output's bytes (not batch size or device): a rerun with other
+        settings redoes the output instead of resuming it."""
+        return {"label_field": self.label_field, "image_field": self.image_field, "key_field": self.key_field,
+                "keep_fields": list(self.keep_fields), "on_error": self.on_error, "png_level": self.png_level,
+                "max_pixels": self.max_pixels}
+
 
 @dataclass
 class ShardStats:
@@ -101,6 +108,8 @@ class ShardStats:
     protection: dict[str, str] = field(default_factory=dict)
     bytes: int = 0
     sha256: str = ""
+    source: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
     ue_datasets_version: str = __version__
     resumed: bool = False
 
@@ -158,22 +167,25 @@ def owned_stats(out_url: str, protection: Protection, overwrite: bool) -> dict[s
 
 
 def commit_file(
-    protection: Protection, in_url: str, out_url: str, overwrite: bool, body: Body
+    protection: Protection, in_url: str, out_url: str, options: ShardOptions, overwrite: bool, body: Body
 ) -> dict[str, Any]:
     """Write one output file under the commit protocol, or return its stats when it is already complete.
 
     Claims the output (`OutputBusy` while another process holds it), then: an output that checks out
-    against its stats is kept (``resumed``; redone with ``overwrite``); otherwise ``body`` writes it
-    into a partial file of its own and it is committed (stats first, then the rename).
+    against its stats, made from the same input with the same settings, is kept (``resumed``; redone
+    with ``overwrite``); otherwise ``body`` writes it into a partial file of its own and it is
+    committed (stats first, then the rename).
     """
     start = time.perf_counter()
     with OutputLock(out_url):
         done = owned_stats(out_url, protection, overwrite)
-        if done is not None and not overwrite and checks_out(out_url, done):
+        source, settings = source_identity(in_url), options.settings()
+        if (done is not None and not overwrite and done.get("source") == source
+                and done.get("settings") == settings and checks_out(out_url, done)):
             return {**done, "resumed": True}
-        remove_partials(out_url)
-        stats = ShardStats(output_name(in_url), posixpath.basename(out_url.rstrip("/")),
-                           protection=protection.public())
+        remove_partials(out_url, stats_url(out_url))
+        stats = ShardStats(posixpath.basename(in_url.rstrip("/")), posixpath.basename(out_url.rstrip("/")),
+                           protection=protection.public(), source=source, settings=settings)
         partial = partial_url(out_url)
         keys, digest = write_hashed(partial, lambda f: body(f, stats))
         try:
@@ -239,6 +251,21 @@ def _core_threads(options: ShardOptions) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _die_with_parent() -> None:
+    """Pool initializer: on Linux, a worker is killed when the run that spawned it dies, so an orphan
+    never goes on holding an output's lock (its partial file is removed by the next run)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import os
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the call
+        os._exit(1)
+
+
 def _task(rewrite: Rewrite, protection: Protection, in_url: str, out_url: str, options: ShardOptions,
           overwrite: bool, worker: int) -> dict[str, Any]:
     torch.set_num_threads(1)
@@ -271,9 +298,11 @@ def run(
     from tqdm.auto import tqdm
 
     pairs = plan(inputs, output_dir, patterns)
-    for _, dst in pairs:  # fail before any work on outputs that cannot be written
-        owned_stats(dst, protection, overwrite)
     fs, out_path = fsspec.core.url_to_fs(output_dir)
+    if fs.exists(out_path) and not fs.isdir(out_path):
+        raise UEDatasetsError(f"{output_dir}: is a file, not an output folder")
+    for _, dst in pairs:  # fail before any work on outputs that cannot be written (checked again under the lock)
+        owned_stats(dst, protection, overwrite)
     try:
         fs.makedirs(out_path, exist_ok=True)
     except OSError as e:
@@ -305,7 +334,7 @@ def run(
                             done(i, e)
             else:
                 ctx = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_die_with_parent) as pool:
                     jobs = {pool.submit(_task, rewrite, protection, *pairs[i], options, overwrite, n): i
                             for n, i in enumerate(pending)}
                     for job in as_completed(jobs):
@@ -324,4 +353,10 @@ def run(
                 workers = 1
     finally:
         bar.close()
+    mixed = [dst for _, dst in pairs if ((read_json(stats_url(dst)) or {}).get("protection") or {}).get("id")
+             != protection.id]
+    if mixed:  # a concurrent run with another protection (and --overwrite) replaced some files
+        names = ", ".join(posixpath.basename(d) for d in mixed[:3])
+        raise UEDatasetsError(f"{output_dir}: {len(mixed)} file(s) ({names}...) were written meanwhile by another "
+                              "run with another protection; run one protection per output folder")
     return [results[i] for i in range(len(pairs))]

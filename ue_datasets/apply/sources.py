@@ -27,7 +27,8 @@ from ..artifact import Protection
 from ..errors import SourceError, UEDatasetsError
 from ..version import __version__
 from .commit import (
-    OutputLock, checks_out, file_digest, output_error, partial_url, read_json, remove_partials, rename, write_json,
+    OutputLock, checks_out, file_digest, output_error, partial_url, read_json, remove_partials, rename,
+    source_identity, write_json,
 )
 from .core import needs_keys, selected
 from .locations import check_dataset_output
@@ -67,7 +68,10 @@ def resolve(src: str) -> Source:
     urls: list[str] = []
     patterns = list(braceexpand(src))
     for pattern in patterns:
-        fs, path = fsspec.core.url_to_fs(pattern)
+        try:
+            fs, path = fsspec.core.url_to_fs(pattern)
+        except (ImportError, ValueError) as e:
+            raise UEDatasetsError(f"{pattern}: cannot open this URL ({type(e).__name__}: {e})") from None
         if any(ch in path for ch in "*?["):
             urls.extend(sorted(fs.unstrip_protocol(p) if "://" in pattern else p for p in fs.glob(path)))
         elif fs.isdir(path):
@@ -90,16 +94,26 @@ def resolve(src: str) -> Source:
     return Source(kinds.pop(), urls, patterns)
 
 
+def _relative_name(name: object) -> bool:
+    """Whether ``name`` is a plain relative file name inside a folder (no ``..``, not absolute)."""
+    return (isinstance(name, str) and bool(name) and not name.startswith("/") and posixpath.normpath(name) == name
+            and name.split("/", 1)[0] != ".." and name != HF_STATS)
+
+
 def _owned_dataset(dst: str, protection: Protection, overwrite: bool) -> dict[str, Any] | None:
     """The stats of a dataset output this package wrote (``None``: none yet); refuses anything else."""
     fs, out = fsspec.core.url_to_fs(dst)
+    if fs.exists(out) and not fs.isdir(out):
+        raise UEDatasetsError(f"{dst}: is a file, not a dataset directory")
     stats = read_json(posixpath.join(dst, HF_STATS))
-    if stats is None or "protection" not in stats or not isinstance(stats.get("files"), dict):
-        if fs.exists(out) and (not fs.isdir(out) or fs.ls(out, detail=False)):
+    files = stats.get("files") if stats else None
+    if (stats is None or not isinstance(stats.get("protection"), dict) or not isinstance(files, dict)
+            or not all(map(_relative_name, files))):
+        if fs.exists(out) and fs.ls(out, detail=False):
             raise UEDatasetsError(f"{dst}: exists and is not a dataset written by ue-datasets; nothing in it is "
                                   "replaced: choose a new or empty directory")
         return None
-    other = stats["protection"].get("id") if isinstance(stats["protection"], dict) else None
+    other = stats["protection"].get("id")
     if other != protection.id and not overwrite:
         raise UEDatasetsError(f"{dst} was written with another protection ({other}); "
                               "write to a new output or pass --overwrite")
@@ -107,18 +121,24 @@ def _owned_dataset(dst: str, protection: Protection, overwrite: bool) -> dict[st
 
 
 def _dataset_checks_out(dst: str, stats: dict[str, Any]) -> bool:
-    return stats.get("complete", True) and all(
+    return stats.get("complete", True) is True and all(
         checks_out(posixpath.join(dst, name), digest) for name, digest in stats["files"].items())
 
 
 def _commit_dataset(partial: str, dst: str, stats: dict[str, Any], old: dict[str, Any] | None) -> None:
     """Move the files of ``partial`` into ``dst``, replacing only the files ``old`` says this package wrote.
 
-    The stats file is always there while files move (first listing old and new files, incomplete), so
-    an interrupted commit is recognised as this package's output and redone.
+    A file of ``dst`` that the new output would replace and that ``old`` does not list is refused
+    before anything moves. The stats file is there while files move (first listing old and new files,
+    marked incomplete), so an interrupted commit is recognised as this package's output and redone.
     """
     fs, out = fsspec.core.url_to_fs(dst)
-    stale = set(old["files"]) - set(stats["files"]) if old else set()
+    owned = set(old["files"]) if old else set()
+    foreign = [n for n in stats["files"] if n not in owned and fs.exists(posixpath.join(out, n))]
+    if foreign:
+        raise UEDatasetsError(f"{dst}: holds {', '.join(foreign)}, which ue-datasets did not write; nothing in it "
+                              "is replaced: move it away or choose another directory")
+    stale = owned - set(stats["files"])
     try:
         fs.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -131,8 +151,7 @@ def _commit_dataset(partial: str, dst: str, stats: dict[str, Any], old: dict[str
         except FileNotFoundError:
             pass
     for name in stats["files"]:
-        target = posixpath.join(out, name)
-        fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        fs.makedirs(posixpath.dirname(posixpath.join(out, name)), exist_ok=True)
         rename(posixpath.join(partial, name), posixpath.join(dst, name))
     write_json(stats_at, stats)
     for name in sorted(stale, key=len, reverse=True):  # folders of old splits, once empty
@@ -151,7 +170,9 @@ def _protect_hf(
     check_dataset_output(src, dst)
     with OutputLock(dst):
         done = _owned_dataset(dst, protection, overwrite)
-        if done is not None and not overwrite and _dataset_checks_out(dst, done):
+        source, settings = source_identity(src), options.settings()
+        if (done is not None and not overwrite and done.get("source") == source and done.get("settings") == settings
+                and _dataset_checks_out(dst, done)):
             return {**done, "resumed": True}
         remove_partials(dst)
         start = time.perf_counter()
@@ -160,12 +181,13 @@ def _protect_hf(
         name = posixpath.basename(fsspec.core.url_to_fs(src)[1].rstrip("/"))
         try:
             dataset = datasets.load_from_disk(src)
-        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException) as e:
             raise SourceError(src, f"cannot load the dataset ({type(e).__name__}: {e})") from None
         splits = dataset if isinstance(dataset, datasets.DatasetDict) else {None: dataset}
         partial = partial_url(dst)
         try:
             stats = _write_dataset(protection, src, dst, partial, name, splits, options, start)
+            stats.update(source=source, settings=settings)
             _commit_dataset(partial, dst, stats, done)
         except BaseException:
             pfs, ppath = fsspec.core.url_to_fs(partial)

@@ -9,8 +9,9 @@ extension part is an image format (``jpg``, ``left.png``...), or ``image_field``
 place by a lossless PNG named with ``png`` for that last part (``jpg`` -> ``png``, ``left.jpg`` ->
 ``left.png``; ``jpg.png`` when that name is taken, as in a sample with both ``png`` and ``jpg``). An
 image format that is not read (``avif``, ``heic``...) and image bytes in a field not named as an image
-make the sample fail, unless the field is listed in ``keep_fields`` (segmentation masks, say), which
-are passed on unprotected.
+make the sample fail, and so do compressed images (``seg.png.gz``) and image bytes in ``__``-prefixed
+fields, unless the field is listed in ``keep_fields`` (segmentation masks, say), which are passed on
+unprotected.
 
 Shard rewriting (`protect_shards`) writes one output shard per input shard under the same name (a
 ``.tar.gz`` input gives a ``.tar``), in the same sample and key order, through fsspec URLs, under the
@@ -38,6 +39,8 @@ from .shards import ShardOptions, ShardStats, check_not_empty, commit_file, run
 OUTPUT_FIELD = "png"
 #: Entries of a raw sample that are not fields: never written, never taken from a tar member.
 META = ("__key__", "__url__", "__local_path__")
+#: Extensions of compressed fields (webdataset decompresses ``.gz`` before decoding).
+COMPRESSED = ("gz", "bz2", "xz", "zst")
 
 
 # --------------------------------------------------------------------------- tar reading and writing
@@ -165,7 +168,12 @@ def image_fields(sample: dict[str, Any], image_field: str | None = None, keep_fi
     for k, v in sample.items():
         if k in META or k in keep_fields:
             continue
-        last = k.rsplit(".", 1)[-1].lower()
+        parts = k.lower().split(".")
+        last = parts[-1]
+        if last in COMPRESSED and len(parts) > 1 and parts[-2] in IMAGE_EXTENSIONS + UNREAD_IMAGE_EXTENSIONS:
+            raise UEDatasetsError(f"field {k!r}: compressed images are not read (webdataset decompresses and "
+                                  "decodes them); store them uncompressed, or list the field in keep_fields "
+                                  "(--keep-field) to publish it unprotected")
         if last in UNREAD_IMAGE_EXTENSIONS:
             raise UEDatasetsError(f"field {k!r}: {last} images are not read; convert them (png, jpg, webp...) "
                                   "or list the field in keep_fields (--keep-field) to publish it unprotected")
@@ -343,7 +351,7 @@ def protect_shard(
         check_not_empty(stats, in_url, options, "empty shard: no samples")
         return keys
 
-    return commit_file(protection, in_url, out_url, overwrite, body)
+    return commit_file(protection, in_url, out_url, options, overwrite, body)
 
 
 def protect_shards(
