@@ -9,7 +9,10 @@ For an output ``dir/NAME``:
    bytes as they are written (`write_hashed`).
 3. **commit**: the stats file (with the output's size and sha256) is written first, then the partial
    file is renamed to ``NAME``. A completed output is one whose file exists and has the size and hash
-   its stats record (`verify`); anything else is redone.
+   its stats record (`checks_out`, which re-reads it: about 1 GB/s); anything else is redone.
+
+Only names of exactly these forms are ever removed, and a ``NAME.lock`` that is not a lock of ours is
+refused, not truncated.
 
 Stats name files relative to the output folder, so a published stats file does not reveal the
 protector's file system.
@@ -35,6 +38,7 @@ from ..errors import OutputError, SourceError, UEDatasetsError
 
 LOCK_SUFFIX = ".lock"
 PARTIAL_INFIX = ".partial-"
+_PARTIAL_TAIL = r"[0-9]+-[0-9a-f]{8}"
 #: Read size when hashing a file.
 CHUNK = 1 << 22
 
@@ -70,13 +74,13 @@ def partial_url(url: str) -> str:
 
 def is_partial_of(name: str, base: str) -> bool:
     """Whether file name ``name`` is a partial file of output ``base``, exactly as `partial_url` names them."""
-    return re.fullmatch(re.escape(base + PARTIAL_INFIX) + r"[0-9]+-[0-9a-f]{8}", name) is not None
+    return re.fullmatch(re.escape(base + PARTIAL_INFIX) + _PARTIAL_TAIL, name) is not None
 
 
 def final_url(url: str) -> str:
     """The output a partial file is written for (``url`` itself when it is not a partial name)."""
     head, sep, tail = url.rpartition(PARTIAL_INFIX)
-    return head if sep and re.fullmatch(r"[0-9]+-[0-9a-f]{8}", tail) else url
+    return head if sep and re.fullmatch(_PARTIAL_TAIL, tail) else url
 
 
 def output_error(url: str, e: OSError) -> OutputError:

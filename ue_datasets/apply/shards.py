@@ -94,8 +94,10 @@ class ShardStats:
     """What happened to one file; written as ``STEM_stats.json`` beside it.
 
     ``input`` and ``output`` are file names (the output's is relative to the output folder), never
-    paths of the machine that wrote them; ``bytes`` and ``sha256`` are the output file's, which a
-    rerun checks before it trusts the file as complete.
+    paths of the machine that wrote them; ``bytes`` and ``sha256`` are the output file's, ``source``
+    the input's size and modification time, ``settings`` the options that decide the bytes
+    (`ShardOptions.settings`): a rerun keeps the file only when all of them still match. ``resumed``
+    is set in what a run returns, for files it found complete.
     """
 
     input: str
