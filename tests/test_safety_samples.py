@@ -276,6 +276,8 @@ def test_a_planar_16_bit_tiff_is_refused_not_reduced():
 
 
 def test_parquet_images_in_other_columns_fail_their_row_or_the_file(protection, tmp_path):
+    import json
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -284,16 +286,28 @@ def test_parquet_images_in_other_columns_fail_their_row_or_the_file(protection, 
 
     images = [encode(_rgb()) for _ in range(3)]
     options = ShardOptions(label_field="label", image_field="image", device="cpu", on_error="skip")
+
+    def run(name, **columns):
+        (stats,) = protect_parquet(protection, [str(tmp_path / name)], str(tmp_path / "out"), options, progress=False)
+        return stats
+
     blobs = [b"npy bytes", encode(_rgb()), b"more"]
     pq.write_table(pa.table({"image": images, "label": [1, 2, 3], "extra": blobs}), tmp_path / "a.parquet")
-    (stats,) = protect_parquet(protection, [str(tmp_path / "a.parquet")], str(tmp_path / "out"), options,
-                               progress=False)
+    stats = run("a.parquet")
     assert stats["written"] == 2 and stats["skipped"][0]["key"] == "1" and "'extra'" in stats["skipped"][0]["reason"]
-    pairs = pa.array([[{"bytes": im, "path": None}] for im in images])
-    pq.write_table(pa.table({"image": images, "label": [1, 2, 3], "views": pairs}), tmp_path / "b.parquet")
-    with pytest.raises(SourceError, match="'views' hold images too"):
-        protect_parquet(protection, [str(tmp_path / "b.parquet")], str(tmp_path / "out"), options, progress=False)
-    assert not (tmp_path / "out" / "b.parquet").exists()
+    views = pa.array([[{"bytes": im, "path": None}] for im in images])  # images nested in lists of structs
+    pq.write_table(pa.table({"image": images, "label": [1, 2, 3], "views": views}), tmp_path / "b.parquet")
+    assert run("b.parquet")["written"] == 0
+    declared = pa.table({"image": images, "label": [1, 2, 3], "mask": images}).replace_schema_metadata({
+        "huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}, "mask": {"_type": "Image"}}}})})
+    pq.write_table(declared, tmp_path / "c.parquet")
+    with pytest.raises(SourceError, match="'mask' hold images too"):
+        run("c.parquet")
+    assert not (tmp_path / "out" / "c.parquet").exists()
+    audio = pa.table({"image": images, "label": [1, 2, 3], "audio": [{"bytes": b"RIFF....WAVEfmt ", "path": None}] * 3})
+    pq.write_table(audio.replace_schema_metadata({"huggingface": json.dumps(
+        {"info": {"features": {"image": {"_type": "Image"}, "audio": {"_type": "Audio"}}}})}), tmp_path / "d.parquet")
+    assert run("d.parquet")["written"] == 3  # {bytes, path} structs of audio are not images
 
 
 def test_datasets_images_in_other_columns_are_refused_or_fail_their_row(protection):
@@ -317,3 +331,37 @@ def test_datasets_images_in_other_columns_are_refused_or_fail_their_row(protecti
     skipped: list = []
     out = protect_dataset(binary, protection, device="cpu", on_error="skip", skipped=skipped)
     assert len(out) == 2 and [s["key"] for s in skipped] == ["1"] and "'blob'" in skipped[0]["reason"]
+
+
+@pytest.mark.parametrize("data", [
+    b"P3 10 20 apples on a table", b"P1 2 3 go", b"P2" + b" " * 60 + b"(padded caption)",
+    np.array([2815, 13, 99], np.int32).tobytes(), b"II*\x00\xff\xff\xff\xff", b"BM is not a bitmap header",
+], ids=["ppm-like-text", "pbm-like-text", "padded-text", "int32-ids", "tiff-like-bytes", "bm-text"])
+def test_ordinary_fields_that_start_like_an_image_are_kept(protection, tmp_path, data):
+    import signal
+
+    signal.alarm(20)  # a backtracking header check would hang here
+    try:
+        samples = make_samples(2, fmt="png")
+        samples[0]["txt"] = data
+        stats, out = _protect(protection, tmp_path, samples)
+    finally:
+        signal.alarm(0)
+    assert stats["skipped"] == [] and out[0]["txt"] == data
+
+
+def test_datasets_path_only_images_are_read_from_local_files_only(protection, tmp_path):
+    import datasets
+
+    from ue_datasets.apply.hf import protect_dataset
+
+    (tmp_path / "a.png").write_bytes(encode(_rgb()))
+    rows = [{"bytes": None, "path": str(tmp_path / "a.png")}, {"bytes": None, "path": str(tmp_path / "gone.png")},
+            {"bytes": None, "path": "http://example.invalid/x.png"}]
+    ds = datasets.Dataset.from_dict({"image": rows, "label": [1, 2, 3]},
+                                    features=datasets.Features({"image": datasets.Image(decode=False),
+                                                                "label": datasets.Value("int64")}))
+    skipped: list = []
+    out = protect_dataset(ds, protection, device="cpu", on_error="skip", skipped=skipped)
+    assert len(out) == 1 and [s["key"] for s in skipped] == ["1", "2"]
+    assert "cannot read the image file" in skipped[0]["reason"] and "not fetched" in skipped[1]["reason"]

@@ -379,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, always
         print(f"ue-datasets: error: {message}", file=sys.stderr)
         return 2
+    except OSError as e:  # an OS or network failure no adapter turned into a UEDatasetsError
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"ue-datasets: error: {where}{e.strerror or e} ({type(e).__name__})", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("ue-datasets: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -71,6 +71,8 @@ class ProtectMap:
         max_pixels: images that declare more pixels (width x height) are refused before decoding.
         keep_columns: columns passed on as they are although they hold images; image data in any other
             column fails its row, so no image is published unprotected.
+        scan_columns: the columns looked into for image data (default: all; `protect_dataset` names
+            those whose features can hold bytes).
 
     Call: ``fn(batch: dict[str, list], indices: list[int] | None = None, rank: int | None = None)``.
     """
@@ -89,6 +91,7 @@ class ProtectMap:
         skipped: list[dict[str, str]] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         keep_columns: tuple[str, ...] | list[str] = (),
+        scan_columns: list[str] | None = None,
     ):
         if on_error not in ("fail", "skip"):
             raise UEDatasetsError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
@@ -103,7 +106,7 @@ class ProtectMap:
         self.image_column, self.label_column, self.key_column = image_column, label_column, key_column
         self.device, self.on_error, self.png_level = device, on_error, png_level
         self.as_bytes, self.source, self.max_pixels = as_bytes, source, max_pixels
-        self.keep_columns = tuple(keep_columns)
+        self.keep_columns, self.scan_columns = tuple(keep_columns), scan_columns
         self.skipped: list[dict[str, str]] = [] if skipped is None else skipped
 
     def __getstate__(self) -> dict[str, Any]:
@@ -152,14 +155,19 @@ class ProtectMap:
         return [str(i) for i in indices]
 
     def _image(self, value: Any) -> Any:
+        """Encoded bytes (or a PIL image) of a cell; a path-only image is read from a local file only."""
         if isinstance(value, dict):
             if value.get("bytes") is not None:
                 return value["bytes"]
-            if value.get("path"):
-                import fsspec
-
-                with fsspec.open(value["path"], "rb") as f:
-                    return f.read()
+            path = value.get("path")
+            if path:
+                if "://" in path and not path.startswith("file://"):
+                    raise UEDatasetsError(f"image is stored as a URL only ({path!r}); it is not fetched")
+                try:
+                    with open(path.removeprefix("file://"), "rb") as f:
+                        return f.read()
+                except OSError as e:
+                    raise UEDatasetsError(f"cannot read the image file {path!r} ({type(e).__name__})") from None
             return None
         return value
 
@@ -175,15 +183,23 @@ class ProtectMap:
             raise UEDatasetsError(f"label column {self.label_column!r} not in the dataset (columns: {sorted(batch)})")
         keys = self._keys(batch, indices, n)
         labels = batch[self.label_column] if labelled else [None] * n
-        items = [Item(keys[i], self._image(images[i]), labels[i]) for i in range(n)]
-        results = protect_encoded(protection, items, self.source, self._device(rank), self.png_level,
-                                  max_pixels=self.max_pixels)
-        others = [c for c in batch if c != self.image_column and c not in self.keep_columns]
+        scanned = [c for c in (batch if self.scan_columns is None else self.scan_columns)
+                   if c in batch and c != self.image_column and c not in self.keep_columns]
+        results: list[Any] = [None] * n
+        items: list[tuple[int, Item]] = []
         for i in range(n):
-            hidden = next((c for c in others if holds_image(batch[c][i])), None)
-            if hidden is not None and not isinstance(results[i], SampleError):
-                results[i] = SampleError(self.source, keys[i], f"column {hidden!r} holds image data; protect it in "
-                                         "another pass, or list it in keep_columns to keep it as is")
+            try:
+                hidden = next((c for c in scanned if holds_image(batch[c][i])), None)
+                if hidden is not None:
+                    raise UEDatasetsError(f"column {hidden!r} holds image data; protect it in another pass, or "
+                                          "list it in keep_columns to keep it as is")
+                items.append((i, Item(keys[i], self._image(images[i]), labels[i])))
+            except UEDatasetsError as e:
+                results[i] = SampleError(self.source, keys[i], str(e))
+        done = protect_encoded(protection, [it for _, it in items], self.source, self._device(rank), self.png_level,
+                               max_pixels=self.max_pixels)
+        for (i, _), r in zip(items, done):
+            results[i] = r
         keep = []
         for i, r in enumerate(results):
             if isinstance(r, SampleError):
@@ -210,6 +226,24 @@ def _has_image(feature: Any) -> bool:
         return any(_has_image(f) for f in feature)
     inner = getattr(feature, "feature", None)
     return inner is not None and _has_image(inner)
+
+
+def _may_hold_bytes(feature: Any) -> bool:
+    """Whether a ``datasets`` feature can hold encoded bytes (binary values, ``Image``, ``Audio``...) at any depth."""
+    import datasets
+
+    if isinstance(feature, datasets.Value):
+        return feature.dtype in ("binary", "large_binary")
+    if isinstance(feature, (datasets.ClassLabel, datasets.Translation, datasets.TranslationVariableLanguages)):
+        return False
+    if type(feature).__name__.startswith("Array"):  # Array2D..Array5D: numbers
+        return False
+    if isinstance(feature, dict):
+        return any(_may_hold_bytes(f) for f in feature.values())
+    if isinstance(feature, (list, tuple)):
+        return any(_may_hold_bytes(f) for f in feature)
+    inner = getattr(feature, "feature", None)
+    return True if inner is None else _may_hold_bytes(inner)
 
 
 def _is_image_feature(features: Any, column: str) -> bool:
@@ -270,7 +304,8 @@ def protect_dataset(
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     fn = ProtectMap(protection, image_column, label_column, key_column, device, on_error, png_level,
                     as_bytes=not _is_image_feature(features, image_column), source=source, skipped=skipped,
-                    max_pixels=max_pixels, keep_columns=keep_columns)
+                    max_pixels=max_pixels, keep_columns=keep_columns,
+                    scan_columns=None if features is None else [c for c, f in features.items() if _may_hold_bytes(f)])
     if isinstance(dataset, datasets.IterableDataset):
         # IterableDataset.map(features=...) takes the output as already decoded; cast decodes the PNGs.
         mapped = dataset.map(fn, batched=True, batch_size=batch_size, with_indices=True, **map_kwargs)

@@ -52,13 +52,14 @@ _DEEP_RAWMODE = re.compile(r";(16|32)[BLNSF]*\b|^(I|F)(;|$)")
 _PACKED_RAWMODES = {"BGR;15", "BGR;16", "RGB;15", "RGB;16", "BGRA;15", "RGBA;15"}
 #: ICC colour-space signatures that fit each output mode.
 _ICC_SPACE = {"L": b"GRAY", "LA": b"GRAY", "RGB": b"RGB ", "RGBA": b"RGB "}
-#: Leading bytes of image formats, to catch an image in a field not named as one.
-_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  ",
-          b"\xff\x0a", b"qoif", b"8BPS")
-#: A Netpbm header: P1..P6, then width and height (comments allowed).
-_NETPBM = re.compile(rb"P[1-6](\s+(#[^\n]*\n)?)+\d+\s+(#[^\n]*\n\s*)?\d+\s")
+#: Leading bytes of image formats, to catch an image in a field not named as one (long enough that
+#: other data does not start with them by chance; shorter signatures are checked further below).
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\x00\x00\x00\x0cJXL \r\n\x87\n",
+          b"8BPS\x00\x01")
 #: Sizes of the BMP info headers (core, v2..v5).
 _BMP_HEADERS = {12, 40, 52, 56, 64, 108, 124}
+#: Header tokens of a Netpbm file: a comment or a run of non-space bytes.
+_NETPBM_TOKEN = re.compile(rb"#[^\n]*|[^\s#]+")
 
 
 class ImageFormatError(UEDatasetsError):
@@ -73,18 +74,56 @@ class Decoded:
     icc_profile: bytes | None = None
 
 
-def looks_like_image(data: bytes) -> bool:
-    """Whether ``data`` starts like an image file: PNG, JPEG, GIF, TIFF, WebP, BMP, PPM/PGM/PBM, JPEG
-    2000 and XL, AVIF/HEIF, QOI or PSD."""
+def _netpbm(data: bytes, whole: bool) -> bool:
+    """Whether ``data`` is a Netpbm image (P1-P6): a valid header and (when ``whole``) the pixels it declares."""
+    kind = data[1:2]
+    need = 2 if kind in (b"1", b"4") else 3
+    numbers: list[int] = []
+    end = 2
+    for token in _NETPBM_TOKEN.finditer(data, 2, min(len(data), 512)):
+        if token.group().startswith(b"#"):
+            continue
+        if not token.group().isdigit() or len(numbers) == need:
+            break
+        numbers.append(int(token.group()))
+        end = token.end()
+    if len(numbers) < need or not all(numbers) or (need == 3 and numbers[2] > 65535):
+        return False
+    w, h = numbers[0], numbers[1]
+    if kind in (b"4", b"5", b"6"):  # binary pixels after one whitespace byte
+        per_row = (w + 7) // 8 if kind == b"4" else w * (3 if kind == b"6" else 1) * (2 if numbers[-1] > 255 else 1)
+        return not whole or len(data) >= end + 1 + per_row * h
+    values = data[end:end + 64].split()  # ASCII pixels: numbers only
+    return (bool(values) or not whole) and all(v.isdigit() for v in values)
+
+
+def looks_like_image(data: bytes, whole: bool = True) -> bool:
+    """Whether ``data`` is an image file: PNG, JPEG, GIF, TIFF, WebP, BMP, PPM/PGM/PBM, JPEG 2000 and XL,
+    AVIF/HEIF or PSD, by its leading bytes (and, for short signatures, their header's consistency);
+    gzip-compressed data is looked into. ``whole=False``: ``data`` is only the start of a file."""
+    data = bytes(data[:1 << 16]) if len(data) > 1 << 16 and data[:2] != b"\x1f\x8b" else data
     head = bytes(data[:64])
+    if head[:2] == b"\x1f\x8b":  # look at the first decompressed bytes only: no bomb can cost more
+        import zlib
+
+        try:
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(bytes(data[:1 << 12]), 64)
+        except zlib.error:
+            return False
+        return head[:2] != b"\x1f\x8b" and looks_like_image(head, whole=False)
     if head.startswith(_MAGIC):
         return True
+    if head[:3] == b"\xff\xd8\xff" and len(head) > 3 and head[3] >= 0xC0:  # SOI, then a marker
+        return True
+    if head[:4] in (b"II*\x00", b"MM\x00*") and len(head) >= 8:  # TIFF, with its first IFD inside the data
+        offset = int.from_bytes(head[4:8], "little" if head[:2] == b"II" else "big")
+        return 8 <= offset and (offset < len(data) or not whole)
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return True
     if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADERS:
-        return True
-    if _NETPBM.match(head):
-        return True
+        return not whole or int.from_bytes(head[2:6], "little") in (0, len(data))  # declared file size
+    if head[:1] == b"P" and head[1:2] in b"123456" and len(head) > 2 and head[2:3].isspace():
+        return _netpbm(bytes(data), whole)
     return head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")
 
 
@@ -97,7 +136,12 @@ def holds_image(value: object) -> bool:
         return True
     if isinstance(value, dict):
         return any(holds_image(v) for v in value.values())
+    if isinstance(value, np.ndarray):
+        return value.dtype == object and any(holds_image(v) for v in value.ravel())
     if isinstance(value, (list, tuple)):
+        first = next((v for v in value if v is not None), None)
+        if first is None or isinstance(first, (bool, int, float, str, np.number)):
+            return False  # lists from Arrow are of one type: numbers or strings hold no image bytes
         return any(holds_image(v) for v in value)
     return False
 

@@ -39,7 +39,10 @@ def locate(url: str) -> Location:
     """The `Location` of a path or fsspec URL (it need not exist); a chained URL (``a::b``) is located
     by its last part, the filesystem that holds the data."""
     url = str(url).rsplit("::", 1)[-1]
-    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except Exception as e:  # a missing backend (s3fs...), a bad URL, an unreachable server
+        raise UEDatasetsError(f"{url}: cannot open this URL ({type(e).__name__}: {e})") from None
     if isinstance(fs, LocalFileSystem):
         real = os.path.realpath(path)
         return Location("file", "/" + real.lstrip("/") if real.startswith("//") else real)
@@ -130,6 +133,8 @@ def check_output(patterns: list[str], inputs: list[str], outputs: list[str]) -> 
 
 
 def _refuse_chained(outputs: list[str]) -> None:
+    if any(not str(o).strip().rstrip("/") for o in outputs):
+        raise UEDatasetsError("the output is empty (an unset variable?); give an output folder")
     chained = next((o for o in outputs if "::" in str(o)), None)
     if chained is not None:
         raise UEDatasetsError(f"{chained}: chained fsspec URLs (a::b) are not accepted as outputs; "

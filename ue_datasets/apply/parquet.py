@@ -4,9 +4,9 @@ The image column is a Hugging Face ``Image`` struct (``{bytes, path}``) or a pla
 protected images are written as lossless PNG bytes with ``path`` null. Every other column, the schema
 and its metadata (the ``huggingface`` features entry) are kept, so ``datasets`` reads the output with
 the same features, and each input row group gives one output row group (less its skipped rows).
-Another column of images (an ``Image`` feature, or ``{bytes, path}`` structs, at any depth) fails the
-file, and image bytes in any other column fail their row, unless the column is listed in
-``keep_fields``: no image is published unprotected. Sample keys are the key column when
+Another column of images (an ``Image`` feature at any depth) fails the file, and image bytes in any
+other column (binary, or structs and lists holding binary) fail their row, unless the column is listed
+in ``keep_fields``: no image is published unprotected. Sample keys are the key column when
 given, else the row index within the file. Files are written and resumed as webdataset shards are
 (`ue_datasets.apply.shards`).
 """
@@ -47,10 +47,6 @@ def _has_image_feature(feature: Any) -> bool:
     return False
 
 
-def _is_image_struct(t: pa.DataType) -> bool:
-    return pa.types.is_struct(t) and {t.field(i).name for i in range(t.num_fields)} == {"bytes", "path"}
-
-
 def _nested(t: pa.DataType) -> list[pa.DataType]:
     if pa.types.is_struct(t):
         return [t.field(i).type for i in range(t.num_fields)]
@@ -70,15 +66,16 @@ def _binary(t: pa.DataType) -> bool:
 
 
 def image_columns(schema: pa.Schema) -> list[str]:
-    """Columns that hold images, at any depth: ``Image`` features in the ``huggingface`` metadata, or
-    ``{bytes, path}`` structs."""
+    """Columns declared to hold images, at any depth, by ``Image`` features in the ``huggingface``
+    metadata. (Other ``{bytes, path}`` structs are also ``Audio`` and the like: their bytes are looked
+    at row by row instead.)"""
     try:
         features = json.loads((schema.metadata or {}).get(b"huggingface", b"{}")).get("info", {}).get("features", {})
     except (ValueError, AttributeError):
         features = {}
     if not isinstance(features, dict):
         features = {}
-    return [f.name for f in schema if _has_image_feature(features.get(f.name)) or _holds(f.type, _is_image_struct)]
+    return [f.name for f in schema if _has_image_feature(features.get(f.name))]
 
 
 def protect_parquet_file(

@@ -27,7 +27,7 @@ from ..artifact import Protection
 from ..errors import SourceError, UEDatasetsError
 from ..version import __version__
 from .commit import (
-    OutputBusy, OutputLock, checks_out, output_error, partial_url, read_json, remove_partials, rename,
+    OutputBusy, OutputLock, checks_out, final_url, output_error, partial_url, read_json, remove_partials, rename,
     source_identity, stats_url, write_hashed, write_json,
 )
 from .core import needs_keys, resolve_device, selected
@@ -152,7 +152,8 @@ def owned_stats(out_url: str, protection: Protection, overwrite: bool) -> dict[s
     fs, path = fsspec.core.url_to_fs(out_url)
     stats_file = stats_url(out_url)
     stats = read_json(stats_file)
-    if stats is None or stats.get("output") != posixpath.basename(path) or "protection" not in stats:
+    named = stats.get("output") if stats else None  # a name; a path in stats of earlier versions
+    if not isinstance(named, str) or posixpath.basename(named) != posixpath.basename(path) or "protection" not in stats:
         if fs.exists(fsspec.core.url_to_fs(stats_file)[1]):
             raise UEDatasetsError(f"{stats_file}: exists and is not the stats file of this output; "
                                   "move it away or choose another output folder")
@@ -185,7 +186,6 @@ def commit_file(
         if (done is not None and not overwrite and done.get("source") == source
                 and done.get("settings") == settings and checks_out(out_url, done)):
             return {**done, "resumed": True}
-        remove_partials(out_url, stats_url(out_url))
         stats = ShardStats(posixpath.basename(in_url.rstrip("/")), posixpath.basename(out_url.rstrip("/")),
                            protection=protection.public(), source=source, settings=settings)
         partial = partial_url(out_url)
@@ -218,6 +218,8 @@ def plan(inputs: Sequence[str], output_dir: str, patterns: Sequence[str] | None 
     """
     if isinstance(inputs, str):
         raise UEDatasetsError(f"inputs must be a list of files, got the string {inputs!r}")
+    if not str(output_dir).strip().rstrip("/"):
+        raise UEDatasetsError("the output is empty (an unset variable?); give an output folder")
     pairs, seen = [], {}
     for url in inputs:
         name = output_name(url)
@@ -251,6 +253,27 @@ def _core_threads(options: ShardOptions) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _sweep_partials(outputs: list[str], output_dir: str) -> None:
+    """Remove partial files that killed runs left for ``outputs`` (and their stats), each under the
+    output's lock, so that a live writer's partial file is never touched. One listing of the folder."""
+    fs, path = fsspec.core.url_to_fs(output_dir)
+    try:
+        names = {posixpath.basename(n) for n in fs.ls(path, detail=False)}
+    except OSError:
+        return
+    owners = {posixpath.basename(u): u for u in outputs}
+    owners.update({posixpath.basename(stats_url(u)): u for u in outputs})
+    for name in names:
+        final = posixpath.basename(final_url(name))
+        if final == name or final not in owners:
+            continue
+        try:
+            with OutputLock(owners[final]):
+                remove_partials(output_dir.rstrip("/") + "/" + final)
+        except OutputBusy:
+            continue
 
 
 def _die_with_parent() -> None:
@@ -355,6 +378,7 @@ def run(
                 workers = 1
     finally:
         bar.close()
+    _sweep_partials([dst for _, dst in pairs], output_dir)
     mixed = [dst for _, dst in pairs if ((read_json(stats_url(dst)) or {}).get("protection") or {}).get("id")
              != protection.id]
     if mixed:  # a concurrent run with another protection (and --overwrite) replaced some files

@@ -27,8 +27,8 @@ from ..artifact import Protection
 from ..errors import SourceError, UEDatasetsError
 from ..version import __version__
 from .commit import (
-    OutputLock, checks_out, file_digest, output_error, partial_url, read_json, remove_partials, rename,
-    source_identity, write_json,
+    OutputLock, checks_out, file_digest, is_partial_of, output_error, partial_url, read_json, remove_partials,
+    rename, source_identity, write_json,
 )
 from .core import needs_keys, selected
 from .locations import check_dataset_output
@@ -109,7 +109,8 @@ def _owned_dataset(dst: str, protection: Protection, overwrite: bool) -> dict[st
     files = stats.get("files") if stats else None
     if (stats is None or not isinstance(stats.get("protection"), dict) or not isinstance(files, dict)
             or not all(map(_relative_name, files))):
-        if fs.exists(out) and fs.ls(out, detail=False):
+        if fs.exists(out) and [n for n in fs.ls(out, detail=False)  # a stats partial of a killed commit is ours
+                               if not is_partial_of(posixpath.basename(n), HF_STATS)]:
             raise UEDatasetsError(f"{dst}: exists and is not a dataset written by ue-datasets; nothing in it is "
                                   "replaced: choose a new or empty directory")
         return None
@@ -170,11 +171,11 @@ def _protect_hf(
     check_dataset_output(src, dst)
     with OutputLock(dst):
         done = _owned_dataset(dst, protection, overwrite)
+        remove_partials(dst, posixpath.join(dst, HF_STATS))  # what a killed run left, beside and inside
         source, settings = source_identity(src), options.settings()
         if (done is not None and not overwrite and done.get("source") == source and done.get("settings") == settings
                 and _dataset_checks_out(dst, done)):
             return {**done, "resumed": True}
-        remove_partials(dst)
         start = time.perf_counter()
         if not progress:
             datasets.disable_progress_bars()
