@@ -57,12 +57,11 @@ def _nested(t: pa.DataType) -> list[pa.DataType]:
     return []
 
 
-def _holds(t: pa.DataType, test: Callable[[pa.DataType], bool]) -> bool:
-    return test(t) or any(_holds(u, test) for u in _nested(t))
-
-
-def _binary(t: pa.DataType) -> bool:
-    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+def _holds_binary(t: pa.DataType) -> bool:
+    """Whether values of type ``t`` can hold bytes, at any depth."""
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return True
+    return any(_holds_binary(u) for u in _nested(t))
 
 
 def image_columns(schema: pa.Schema) -> list[str]:
@@ -125,7 +124,7 @@ def protect_parquet_file(
         image_type = schema.field(image_col).type
         image_index = schema.get_field_index(image_col)
         scanned = [f.name for f in schema  # where an image could hide: every other column with bytes in it
-                   if f.name != image_col and f.name not in options.keep_fields and _holds(f.type, _binary)]
+                   if f.name != image_col and f.name not in options.keep_fields and _holds_binary(f.type)]
         written: list[str] = []
         offset = 0
 

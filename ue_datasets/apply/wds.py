@@ -188,8 +188,16 @@ def image_fields(sample: dict[str, Any], image_field: str | None = None, keep_fi
 
 
 def image_field_of(sample: dict[str, Any], image_field: str | None) -> str:
-    """The field holding a raw sample's (first) image: ``image_field``, or the first image field."""
-    return image_field if image_field is not None and image_field in sample else image_fields(sample, image_field)[0]
+    """The field of a raw sample's first image (as fit and the audit read it): ``image_field``, or the
+    first field whose last extension part is an image format."""
+    if image_field is not None:
+        if image_field not in sample:
+            raise UEDatasetsError(f"no image field {image_field!r} (fields: {_fields(sample)})")
+        return image_field
+    for k in sample:
+        if k not in META and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+            return k
+    raise UEDatasetsError(f"no image field; looked for {', '.join(IMAGE_EXTENSIONS)} (fields: {_fields(sample)})")
 
 
 def output_names(sample: dict[str, Any], fields: Sequence[str]) -> dict[str, str]:
