@@ -248,9 +248,10 @@ def _ppm(h=4, w=4) -> bytes:
 @pytest.mark.parametrize("field,data", [
     ("seg.png.gz", __import__("gzip").compress(encode(_rgb()))),
     ("bin", encode(_rgb(), "BMP")),
+    ("blob", encode(_rgb(200, 200), "BMP")),
     ("dat", _ppm()),
     ("__meta__", encode(_rgb())),
-], ids=["gzipped-png", "bmp-bytes", "ppm-bytes", "dunder-field"])
+], ids=["gzipped-png", "bmp-bytes", "large-bmp-bytes", "ppm-bytes", "dunder-field"])
 def test_images_hidden_in_other_fields_fail_their_sample(protection, tmp_path, field, data):
     samples = make_samples(2, fmt="png")
     samples[0][field] = data

@@ -74,8 +74,9 @@ class Decoded:
     icc_profile: bytes | None = None
 
 
-def _netpbm(data: bytes, whole: bool) -> bool:
-    """Whether ``data`` is a Netpbm image (P1-P6): a valid header and (when ``whole``) the pixels it declares."""
+def _netpbm(data: bytes, size: int, whole: bool) -> bool:
+    """Whether ``data`` (the first bytes of ``size``) is a Netpbm image (P1-P6): a valid header and
+    (when ``whole``) the pixels it declares."""
     kind = data[1:2]
     need = 2 if kind in (b"1", b"4") else 3
     numbers: list[int] = []
@@ -92,7 +93,7 @@ def _netpbm(data: bytes, whole: bool) -> bool:
     w, h = numbers[0], numbers[1]
     if kind in (b"4", b"5", b"6"):  # binary pixels after one whitespace byte
         per_row = (w + 7) // 8 if kind == b"4" else w * (3 if kind == b"6" else 1) * (2 if numbers[-1] > 255 else 1)
-        return not whole or len(data) >= end + 1 + per_row * h
+        return not whole or size >= end + 1 + per_row * h
     values = data[end:end + 64].split()  # ASCII pixels: numbers only
     return (bool(values) or not whole) and all(v.isdigit() for v in values)
 
@@ -101,7 +102,6 @@ def looks_like_image(data: bytes, whole: bool = True) -> bool:
     """Whether ``data`` is an image file: PNG, JPEG, GIF, TIFF, WebP, BMP, PPM/PGM/PBM, JPEG 2000 and XL,
     AVIF/HEIF or PSD, by its leading bytes (and, for short signatures, their header's consistency);
     gzip-compressed data is looked into. ``whole=False``: ``data`` is only the start of a file."""
-    data = bytes(data[:1 << 16]) if len(data) > 1 << 16 and data[:2] != b"\x1f\x8b" else data
     head = bytes(data[:64])
     if head[:2] == b"\x1f\x8b":  # look at the first decompressed bytes only: no bomb can cost more
         import zlib
@@ -123,7 +123,7 @@ def looks_like_image(data: bytes, whole: bool = True) -> bool:
     if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADERS:
         return not whole or int.from_bytes(head[2:6], "little") in (0, len(data))  # declared file size
     if head[:1] == b"P" and head[1:2] in b"123456" and len(head) > 2 and head[2:3].isspace():
-        return _netpbm(bytes(data), whole)
+        return _netpbm(bytes(data[:512]), len(data), whole)
     return head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")
 
 
