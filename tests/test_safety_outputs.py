@@ -159,10 +159,14 @@ def test_a_dataset_output_file_that_we_did_not_write_is_not_replaced(tmp_path, d
     assert len(datasets.load_from_disk(str(out))) == 6  # the previous output is untouched
 
 
-def test_an_empty_output_is_refused(tmp_path, shards, dataset_dir, prot, capsys):
-    for src in (str(tmp_path / "in"), str(dataset_dir)):
-        assert _cli("--protection", prot, "--input", src, "--output", "") == 2
-        assert "the output is empty" in capsys.readouterr().err
+def test_an_empty_output_is_refused(tmp_path, shards, dataset_dir, prot, capsys, monkeypatch):
+    from ue_datasets.apply.shards import plan
+
+    with pytest.raises(UEDatasetsError, match="the output is empty"):  # checked before anything is written
+        plan(shards, "")
+    monkeypatch.chdir(tmp_path)  # should a regression write anything, it lands here
+    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", "") == 2
+    assert "the output is empty" in capsys.readouterr().err
 
 
 def test_leftovers_of_killed_runs_are_removed_and_old_stats_are_ours(tmp_path, shards, dataset_dir, protection,
@@ -182,6 +186,20 @@ def test_leftovers_of_killed_runs_are_removed_and_old_stats_are_ours(tmp_path, s
     (dso / "ue_datasets_stats.json.partial-12-deadbeef").write_text("{")
     assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(dso)) == 0
     assert not [p for p in dso.iterdir() if ".partial-" in p.name]
+
+
+def test_a_dataset_output_with_a_trailing_slash_keeps_its_partial_and_lock_beside_it(tmp_path, dataset_dir, prot,
+                                                                                     monkeypatch):
+    from ue_datasets.apply import sources
+
+    seen = []
+    real = sources._commit_dataset
+    monkeypatch.setattr(sources, "_commit_dataset", lambda partial, *a: (seen.append(partial), real(partial, *a)))
+    out = str(tmp_path / "out") + "/"
+    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", out) == 0
+    assert os.path.dirname(seen[0]) == str(tmp_path) and sorted(os.listdir(tmp_path)).count("out") == 1
+    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", out) == 0
+    assert json.loads((tmp_path / "out" / "ue_datasets_stats.json").read_text())["output"] == "out"
 
 
 # --------------------------------------------------------------------------- one writer per output

@@ -88,6 +88,10 @@ def test_an_image_that_cannot_be_protected_fails_its_sample_and_skip_records_it(
     assert stats["skipped"][0]["key"] == samples[1]["__key__"] and reason in stats["skipped"][0]["reason"]
 
 
+def test_keep_fields_given_as_one_string_name_one_field():
+    assert ShardOptions(keep_fields="mask.png").keep_fields == ("mask.png",)
+
+
 def test_keep_fields_publish_a_named_image_field_unprotected(protection, tmp_path):
     samples = make_samples(2, fmt="jpg")
     mask = encode(Image.fromarray(np.eye(8, dtype=np.uint8) * 255, "L"))

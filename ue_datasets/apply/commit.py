@@ -4,15 +4,16 @@ For an output ``dir/NAME``:
 
 1. **claim** ``dir/NAME.lock`` (`OutputLock`): on a local disk an ``flock`` on it, released by the
    kernel when its process dies, so a second run (or an orphaned worker of a killed one) can never
-   write the same file; elsewhere (object stores) an exclusive-create marker, advisory.
+   write the same file; elsewhere (object stores) a marker file checked by reading it back: best
+   effort, since an object store has no atomic exclusive create here.
 2. **write** into ``dir/NAME.partial-<pid>-<random>``, a name no other writer uses, hashing the
    bytes as they are written (`write_hashed`).
 3. **commit**: the stats file (with the output's size and sha256) is written first, then the partial
    file is renamed to ``NAME``. A completed output is one whose file exists and has the size and hash
    its stats record (`checks_out`, which re-reads it: about 1 GB/s); anything else is redone.
 
-Only names of exactly these forms are ever removed, and a ``NAME.lock`` that is not a lock of ours is
-refused, not truncated.
+Only names of exactly these forms are ever removed (and, for a dataset directory, the files its previous
+stats list), and a ``NAME.lock`` that is not a lock of ours is refused, not truncated.
 
 Stats name files relative to the output folder, so a published stats file does not reveal the
 protector's file system.
@@ -195,7 +196,7 @@ def file_digest(url: str) -> dict[str, Any] | None:
             while chunk := f.read(CHUNK):
                 h.update(chunk)
                 size += len(chunk)
-    except (FileNotFoundError, IsADirectoryError):
+    except OSError:  # missing, a folder, unreadable: it does not check out
         return None
     return {"bytes": size, "sha256": h.hexdigest()}
 
@@ -245,8 +246,8 @@ class OutputLock:
     """One writer per output: ``claim`` raises `OutputBusy` while another process holds it.
 
     On a local disk this is ``flock`` on ``OUTPUT.lock`` (exact, and released by the kernel when the
-    holder dies, however it dies); on other filesystems an exclusive-create marker file (advisory: a
-    killed run leaves it, and the error says to remove it).
+    holder dies, however it dies); on other filesystems a marker file checked by reading it back (best
+    effort: two writers racing can both pass; a killed run leaves it, and the error says to remove it).
     """
 
     def __init__(self, url: str):
@@ -279,25 +280,29 @@ class OutputLock:
                 except OSError as e:
                     raise output_error(self.url, e) from None
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    held = read_json(self.lock_url)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        raise OutputBusy(self.url, self._holder_text(read_json(self.lock_url)), waitable=True) from None
+                    try:
+                        same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                    except FileNotFoundError:
+                        same_file = False
+                    if same_file:  # else its holder removed it between our open and flock: take the new one
+                        before = os.pread(fd, 4096, 0)
+                        if before and "token" not in (_json_object(before) or {}):
+                            raise UEDatasetsError(f"{self.lock_url}: exists and is not a ue-datasets lock file; "
+                                                  "move it away or choose another output folder")
+                        os.ftruncate(fd, 0)
+                        os.write(fd, json.dumps(info).encode())
+                except BaseException as e:
                     os.close(fd)
-                    raise OutputBusy(self.url, self._holder_text(held), waitable=True) from None
-                try:
-                    same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-                except FileNotFoundError:
-                    same_file = False
-                if same_file:  # else its holder removed it between our open and flock: take the new one
+                    if isinstance(e, OSError) and not isinstance(e, UEDatasetsError):
+                        raise output_error(self.url, e) from None
+                    raise
+                if same_file:
                     break
                 os.close(fd)
-            before = os.pread(fd, 4096, 0)
-            if before and "token" not in (_json_object(before) or {}):
-                os.close(fd)
-                raise UEDatasetsError(f"{self.lock_url}: exists and is not a ue-datasets lock file; "
-                                      "move it away or choose another output folder")
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(info).encode())
             self._fd = fd
             return self
         if self.fs.exists(self.path):

@@ -106,7 +106,8 @@ class ProtectMap:
         self.image_column, self.label_column, self.key_column = image_column, label_column, key_column
         self.device, self.on_error, self.png_level = device, on_error, png_level
         self.as_bytes, self.source, self.max_pixels = as_bytes, source, max_pixels
-        self.keep_columns, self.scan_columns = tuple(keep_columns), scan_columns
+        self.keep_columns = (keep_columns,) if isinstance(keep_columns, str) else tuple(keep_columns)
+        self.scan_columns = scan_columns
         self.skipped: list[dict[str, str]] = [] if skipped is None else skipped
 
     def __getstate__(self) -> dict[str, Any]:
@@ -215,7 +216,8 @@ class ProtectMap:
 
 
 def _has_image(feature: Any) -> bool:
-    """Whether a ``datasets`` feature is, or holds at any depth, an ``Image``."""
+    """Whether a ``datasets`` feature is, or holds at any depth, an ``Image`` (the same walk as
+    `ue_datasets.apply.parquet.image_columns` makes over the features' JSON form)."""
     import datasets
 
     if isinstance(feature, datasets.Image):
@@ -293,6 +295,7 @@ def protect_dataset(
             for split, d in dataset.items()
         })
     features = dataset.features
+    keep_columns = (keep_columns,) if isinstance(keep_columns, str) else tuple(keep_columns)
     others = [c for c, f in (features or {}).items()
               if _has_image(f) and c != image_column and c not in keep_columns]
     if others:

@@ -236,12 +236,12 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def image_tensor(value: bytes | bytearray | memoryview | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def image_tensor(value: bytes | bytearray | memoryview | Image.Image) -> torch.Tensor:
     """uint8 ``(C, H, W)`` of encoded bytes (`decode`) or a PIL image (`normalize_mode`), as every stage reads images."""
     if isinstance(value, Image.Image):
         return pil_to_tensor(normalize_mode(value))
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return pil_to_tensor(decode(bytes(value), max_pixels))
+        return pil_to_tensor(decode(bytes(value)))
     raise UEDatasetsError(f"expected image bytes or a PIL image, got {type(value).__name__}")
 
 

@@ -128,13 +128,14 @@ def protect_parquet_file(
         written: list[str] = []
         offset = 0
 
+        wanted = list(dict.fromkeys([image_col, *([label_col] if labelled else []),
+                                     *([options.key_field] if options.key_field else []), *scanned]))
+
         def groups() -> Iterator[tuple[tuple[pa.Table, list[str], dict[int, Any], bool], list[Item]]]:
             nonlocal offset
             for g in range(parquet.num_row_groups):
                 table = read_group(parquet, g)
-                wanted = [image_col, *([label_col] if labelled else []), *([options.key_field] if options.key_field
-                                                                             else []), *scanned]
-                rows = table.select(list(dict.fromkeys(wanted))).to_pydict()
+                rows = table.select(wanted).to_pydict()
                 n = table.num_rows
                 keys = [str(k) for k in rows[options.key_field]] if options.key_field else [
                     str(offset + i) for i in range(n)]
@@ -193,12 +194,24 @@ def protect_parquet_file(
 
 def protect_parquet(
     protection: Protection,
-    inputs: Sequence[str],
+    inputs: str | Sequence[str],
     output_dir: str,
     options: ShardOptions = ShardOptions(label_field="label", image_field="image"),
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Rewrite parquet files into ``output_dir`` (same names), resuming finished ones."""
-    return run(protect_parquet_file, protection, inputs, output_dir, options, workers, overwrite, progress)
+    """Rewrite parquet files into ``output_dir`` (same names), resuming finished ones.
+
+    ``inputs`` is a list of file URLs, or one string as ``ue-datasets protect --input`` takes it (a
+    brace pattern, glob or folder).
+    """
+    patterns = None
+    if isinstance(inputs, str):
+        from .sources import resolve
+
+        source = resolve(inputs)
+        if source.kind != "parquet":
+            raise UEDatasetsError(f"{inputs}: not parquet files (found {source.kind})")
+        inputs, patterns = source.urls, source.patterns
+    return run(protect_parquet_file, protection, inputs, output_dir, options, workers, overwrite, progress, patterns)

@@ -76,7 +76,8 @@ class ShardOptions:
             raise UEDatasetsError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_pixels < 1:
             raise UEDatasetsError(f"max_pixels must be >= 1, got {self.max_pixels}")
-        object.__setattr__(self, "keep_fields", tuple(self.keep_fields))
+        keep = (self.keep_fields,) if isinstance(self.keep_fields, str) else tuple(self.keep_fields)
+        object.__setattr__(self, "keep_fields", keep)
 
     def replace(self, **changes: Any) -> ShardOptions:
         return ShardOptions(**{**asdict(self), **changes})
@@ -218,7 +219,7 @@ def plan(inputs: Sequence[str], output_dir: str, patterns: Sequence[str] | None 
     """
     if isinstance(inputs, str):
         raise UEDatasetsError(f"inputs must be a list of files, got the string {inputs!r}")
-    if not str(output_dir).strip().rstrip("/"):
+    if not str(output_dir).strip().rstrip("/"):  # "" + "/" + name would be a file in the root folder
         raise UEDatasetsError("the output is empty (an unset variable?); give an output folder")
     pairs, seen = [], {}
     for url in inputs:
@@ -376,6 +377,7 @@ def run(
                     told = True
                 time.sleep(POLL_SECONDS)
                 workers = 1
+                overwrite = False  # what another run finished meanwhile is this run's to keep, not to redo
     finally:
         bar.close()
     _sweep_partials([dst for _, dst in pairs], output_dir)

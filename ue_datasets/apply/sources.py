@@ -14,6 +14,7 @@ A source is one of:
 
 from __future__ import annotations
 
+import errno
 import posixpath
 import tempfile
 import time
@@ -133,6 +134,13 @@ def _commit_dataset(partial: str, dst: str, stats: dict[str, Any], old: dict[str
     before anything moves. The stats file is there while files move (first listing old and new files,
     marked incomplete), so an interrupted commit is recognised as this package's output and redone.
     """
+    try:
+        _move_dataset(partial, dst, stats, old)
+    except OSError as e:
+        raise output_error(dst, e) from None
+
+
+def _move_dataset(partial: str, dst: str, stats: dict[str, Any], old: dict[str, Any] | None) -> None:
     fs, out = fsspec.core.url_to_fs(dst)
     owned = set(old["files"]) if old else set()
     foreign = [n for n in stats["files"] if n not in owned and fs.exists(posixpath.join(out, n))]
@@ -140,10 +148,7 @@ def _commit_dataset(partial: str, dst: str, stats: dict[str, Any], old: dict[str
         raise UEDatasetsError(f"{dst}: holds {', '.join(foreign)}, which ue-datasets did not write; nothing in it "
                               "is replaced: move it away or choose another directory")
     stale = owned - set(stats["files"])
-    try:
-        fs.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise output_error(dst, e) from None
+    fs.makedirs(out, exist_ok=True)
     stats_at = posixpath.join(dst, HF_STATS)
     write_json(stats_at, {**stats, "complete": False, "files": {**{n: None for n in stale}, **stats["files"]}})
     for name in sorted(stale):
@@ -168,6 +173,7 @@ def _protect_hf(
     import datasets
     import pyarrow as pa
 
+    dst = dst.rstrip("/")  # the partial and lock siblings of out/ are out.partial-..., out.lock
     check_dataset_output(src, dst)
     with OutputLock(dst):
         done = _owned_dataset(dst, protection, overwrite)
@@ -220,7 +226,11 @@ def _write_dataset(protection: Protection, src: str, dst: str, partial: str, nam
                     keep_columns=options.keep_fields, source=source, skipped=skipped,
                     cache_file_name=posixpath.join(cache, f"{split or 'data'}.arrow"),
                 )
-            except (OSError, pa.ArrowException) as e:
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM):  # the cache, not the input
+                    raise output_error(cache, e) from None
+                raise SourceError(src, f"cannot read the dataset ({type(e).__name__}: {e})") from None
+            except pa.ArrowException as e:
                 raise SourceError(src, f"cannot read the dataset ({type(e).__name__}: {e})") from None
         result = outputs[None] if None in outputs else datasets.DatasetDict(outputs)
         try:
