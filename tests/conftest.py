@@ -6,9 +6,11 @@ in seconds on a couple of CPU cores, offline.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -148,3 +150,35 @@ def shards(tmp_path):
     d = tmp_path / "in"
     d.mkdir()
     return [write_shard(str(d / f"shard-{i:02d}.tar"), make_samples(5, seed=i)) for i in range(3)]
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file below ``root`` with a hash of its bytes."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def protect_cli(*args: str) -> int:
+    """``ue-datasets protect ARGS`` in this process, on the CPU, without progress bars; its exit status."""
+    from ue_datasets.cli import main
+
+    return main(["protect", *args, "--no-progress", "--device", "cpu"])
+
+
+@pytest.fixture
+def prot(tmp_path, protection):
+    """The ``protection`` fixture saved as an artifact directory; its path."""
+    return str(protection.save(tmp_path / "prot"))
+
+
+@pytest.fixture
+def dataset_dir(tmp_path):
+    """A ``save_to_disk`` dataset of 6 images with labels, at ``tmp_path/data/ds``."""
+    import datasets
+
+    images, labels = make_dataset(6)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": encode(im), "path": None} for im in images],
+                                     "label": labels}, features=features)
+    ds.save_to_disk(str(tmp_path / "data" / "ds"))
+    return tmp_path / "data" / "ds"

@@ -3,46 +3,20 @@ imports from a clone's root."""
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import encode, make_dataset, write_shard
+from conftest import encode, make_dataset, protect_cli, write_shard
 from ue_datasets.apply.shards import ShardOptions
-from ue_datasets.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _tree(root: Path) -> dict[str, str]:
-    """Every file below ``root`` with a hash of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _cli(*args: str) -> int:
-    return main(["protect", *args, "--no-progress", "--device", "cpu"])
-
-
-@pytest.fixture
-def prot(tmp_path, protection):
-    return str(protection.save(tmp_path / "prot"))
-
-
-@pytest.fixture
-def dataset_dir(tmp_path):
-    images, labels = make_dataset(6)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-    ds = datasets.Dataset.from_dict({"image": [{"bytes": encode(im), "path": None} for im in images],
-                                     "label": labels}, features=features)
-    ds.save_to_disk(str(tmp_path / "data" / "ds"))
-    return tmp_path / "data" / "ds"
 
 
 # --------------------------------------------------------------------------- one-line errors naming the file
@@ -73,7 +47,7 @@ def test_a_corrupt_parquet_row_group_is_one_line_naming_the_file(tmp_path, prot,
     data = bytearray(src.read_bytes())
     data[start - 200:start] = b"\xff" * 200  # the second row group's image pages
     src.write_bytes(bytes(data))
-    assert _cli("--protection", prot, "--input", str(src), "--output", str(tmp_path / "out")) == 2
+    assert protect_cli("--protection", prot, "--input", str(src), "--output", str(tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "a.parquet" in err and "Traceback" not in err
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith("a.parquet")]
@@ -88,7 +62,7 @@ def test_a_damaged_dataset_directory_is_one_line_naming_it(tmp_path, dataset_dir
         arrow.write_bytes(arrow.read_bytes()[:200])
     else:
         (dataset_dir / "state.json").write_text("{not json")
-    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(tmp_path / "out")) == 2
+    assert protect_cli("--protection", prot, "--input", str(dataset_dir), "--output", str(tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(dataset_dir) in err
     assert not (tmp_path / "out").exists()
@@ -98,12 +72,12 @@ def test_an_output_that_is_a_file_and_a_bad_dataset_info_are_one_line_errors(tmp
                                                                               prot, capsys):
     (tmp_path / "afile").write_text("mine")
     for src in (str(tmp_path / "in"), str(dataset_dir)):
-        assert _cli("--protection", prot, "--input", src, "--output", str(tmp_path / "afile")) == 2
+        assert protect_cli("--protection", prot, "--input", src, "--output", str(tmp_path / "afile")) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "afile" in err and "is a file" in err
     assert (tmp_path / "afile").read_text() == "mine"
     (dataset_dir / "dataset_info.json").write_text("null")
-    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(tmp_path / "o")) == 2
+    assert protect_cli("--protection", prot, "--input", str(dataset_dir), "--output", str(tmp_path / "o")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(dataset_dir) in err
 
@@ -129,12 +103,12 @@ def test_disk_full_and_read_only_outputs_are_one_line_naming_the_output(tmp_path
     samples = [{"__key__": f"k{i}", "png": encode(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))),
                 "cls": b"1"} for i in range(40)]  # about 500 KiB of PNG: more than the disk holds
     write_shard(tmp_path / "in" / "big.tar", samples)
-    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(small_disk / "out")) == 2
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(small_disk / "out")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "big.tar" in err and "No space left" in err and ".partial-" not in err
     assert sorted(p.name for p in (small_disk / "out").iterdir()) == []
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(small_disk / "out2")) == 2
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(small_disk / "out2")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "out2" in err and "Read-only" in err
 

@@ -15,39 +15,15 @@ from pathlib import Path
 import datasets
 import pytest
 
-from conftest import encode, make_dataset, make_samples, read_tar, write_shard
+from conftest import encode, make_dataset, make_samples, protect_cli, read_tar, tree, write_shard
 from ue_datasets import UEDatasetsError
 from ue_datasets.apply.commit import OutputBusy, OutputLock
 from ue_datasets.apply.shards import ShardOptions
 from ue_datasets.apply.wds import protect_shards
-from ue_datasets.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _tree(root: Path) -> dict[str, str]:
-    """Every file below ``root`` with a hash of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _cli(*args: str) -> int:
-    return main(["protect", *args, "--no-progress", "--device", "cpu"])
-
-
-@pytest.fixture
-def prot(tmp_path, protection):
-    return str(protection.save(tmp_path / "prot"))
-
-
-@pytest.fixture
-def dataset_dir(tmp_path):
-    images, labels = make_dataset(6)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-    ds = datasets.Dataset.from_dict({"image": [{"bytes": encode(im), "path": None} for im in images],
-                                     "label": labels}, features=features)
-    ds.save_to_disk(str(tmp_path / "data" / "ds"))
-    return tmp_path / "data" / "ds"
 
 
 # --------------------------------------------------------------------------- outputs that alias the input
@@ -56,46 +32,46 @@ def dataset_dir(tmp_path):
 @pytest.mark.parametrize("spelling", ["in/../in", "//{tmp}/in/.", "link"])
 def test_an_output_naming_the_input_folder_another_way_is_refused(tmp_path, shards, prot, capsys, spelling):
     os.symlink(tmp_path / "in", tmp_path / "link")
-    before = _tree(tmp_path / "in")
+    before = tree(tmp_path / "in")
     out = spelling.format(tmp=str(tmp_path).lstrip("/"))
     os.chdir(tmp_path)
-    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", out) == 2
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", out) == 2
     assert "would overwrite it" in capsys.readouterr().err
-    assert _tree(tmp_path / "in") == before
+    assert tree(tmp_path / "in") == before
 
 
 def test_an_output_the_input_pattern_would_read_back_is_refused(tmp_path, shards, prot, capsys):
-    before = _tree(tmp_path / "in")
+    before = tree(tmp_path / "in")
     pattern = str(tmp_path / "in" / "**" / "*.tar")
-    assert _cli("--protection", prot, "--input", pattern, "--output", str(tmp_path / "in" / "protected")) == 2
+    assert protect_cli("--protection", prot, "--input", pattern, "--output", str(tmp_path / "in" / "protected")) == 2
     assert "read protected files back" in capsys.readouterr().err
-    assert _tree(tmp_path / "in") == before
+    assert tree(tmp_path / "in") == before
     # a plain folder input is not read recursively: a subfolder of it is a fine output
-    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "in" / "p")) == 0
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "in" / "p")) == 0
 
 
 @pytest.mark.parametrize("where", ["same", "parent", "inside"])
 def test_a_dataset_output_that_is_holds_or_lies_in_the_input_is_refused_even_with_overwrite(
         tmp_path, dataset_dir, prot, capsys, where):
     out = {"same": dataset_dir, "parent": dataset_dir.parent, "inside": dataset_dir / "protected"}[where]
-    before = _tree(tmp_path / "data")
-    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out), "--overwrite") == 2
+    before = tree(tmp_path / "data")
+    assert protect_cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out), "--overwrite") == 2
     assert "input dataset" in capsys.readouterr().err
-    assert _tree(tmp_path / "data") == before
+    assert tree(tmp_path / "data") == before
 
 
 def test_overwrite_replaces_only_what_ue_datasets_wrote(tmp_path, dataset_dir, prot, other_protection, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out), "--overwrite") == 2
+    assert protect_cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out), "--overwrite") == 2
     assert "not a dataset written by ue-datasets" in capsys.readouterr().err
-    assert _tree(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    assert tree(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
     (out / "notes.txt").unlink()
-    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out)) == 0
+    assert protect_cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out)) == 0
     (out / "notes.txt").write_text("mine")  # the user adds a file to a finished output
     other = str(other_protection.save(tmp_path / "other"))
-    assert _cli("--protection", other, "--input", str(dataset_dir), "--output", str(out), "--overwrite") == 0
+    assert protect_cli("--protection", other, "--input", str(dataset_dir), "--output", str(out), "--overwrite") == 0
     assert (out / "notes.txt").read_text() == "mine"
     assert len(datasets.load_from_disk(str(out))) == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "other", "out", "prot"]  # no partial, no lock
@@ -105,19 +81,19 @@ def test_a_shard_output_folder_holding_someone_elses_file_of_that_name_is_refuse
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "shard-01.tar").write_bytes(b"not ours")
     for extra in ([], ["--overwrite"]):
-        assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+        assert protect_cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                     *extra) == 2
         assert "was not written by ue-datasets" in capsys.readouterr().err
     assert (tmp_path / "out" / "shard-01.tar").read_bytes() == b"not ours"
 
 
 def test_a_chained_url_output_is_refused(tmp_path, shards, prot, capsys):
-    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o1")) == 0
-    before = _tree(tmp_path / "o1")
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o1")) == 0
+    before = tree(tmp_path / "o1")
     out = f"simplecache::file://{tmp_path / 'o1'}"
-    assert _cli("--protection", prot, "--input", str(tmp_path / "o1"), "--output", out, "--overwrite") == 2
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "o1"), "--output", out, "--overwrite") == 2
     assert "chained fsspec URLs" in capsys.readouterr().err
-    assert _tree(tmp_path / "o1") == before
+    assert tree(tmp_path / "o1") == before
 
 
 def test_files_named_like_ours_that_we_did_not_write_are_kept(tmp_path, shards, prot, capsys):
@@ -127,33 +103,33 @@ def test_files_named_like_ours_that_we_did_not_write_are_kept(tmp_path, shards, 
     (out / "shard-00.tar.partial-backup" / "f").write_text("mine")
     (out / "shard-01.tar.partial-old").write_text("mine")
     (out / "shard-02.tar.lock").write_text("my notes")
-    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(out)) == 2
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(out)) == 2
     assert "not a ue-datasets lock file" in capsys.readouterr().err
     (out / "shard-02.tar.lock").rename(tmp_path / "notes")
-    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(out)) == 0
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(out)) == 0
     assert (out / "shard-00.tar.partial-backup" / "f").read_text() == "mine"
     assert (out / "shard-01.tar.partial-old").read_text() == "mine"
 
 
 def test_dataset_stats_naming_files_outside_the_output_are_not_trusted(tmp_path, dataset_dir, prot, capsys):
     out = tmp_path / "out"
-    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out)) == 0
+    assert protect_cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out)) == 0
     (tmp_path / "victim.txt").write_text("mine")
     stats = json.loads((out / "ue_datasets_stats.json").read_text())
     stats["files"].update({"../victim.txt": None, str(tmp_path / "victim.txt"): None})
     (out / "ue_datasets_stats.json").write_text(json.dumps(stats))
-    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out), "--overwrite") == 2
+    assert protect_cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out), "--overwrite") == 2
     assert "not a dataset written by ue-datasets" in capsys.readouterr().err
     assert (tmp_path / "victim.txt").read_text() == "mine"
 
 
 def test_a_dataset_output_file_that_we_did_not_write_is_not_replaced(tmp_path, dataset_dir, prot, capsys):
     out = tmp_path / "out"
-    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out)) == 0
+    assert protect_cli("--protection", prot, "--input", str(dataset_dir), "--output", str(out)) == 0
     (out / "dataset_dict.json").write_text("mine")
     splits = datasets.DatasetDict({"train": datasets.load_from_disk(str(dataset_dir))})
     splits.save_to_disk(str(tmp_path / "dsd"))
-    assert _cli("--protection", prot, "--input", str(tmp_path / "dsd"), "--output", str(out), "--overwrite") == 2
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "dsd"), "--output", str(out), "--overwrite") == 2
     assert "dataset_dict.json, which ue-datasets did not write" in capsys.readouterr().err
     assert (out / "dataset_dict.json").read_text() == "mine"
     assert len(datasets.load_from_disk(str(out))) == 6  # the previous output is untouched
@@ -165,7 +141,7 @@ def test_an_empty_output_is_refused(tmp_path, shards, dataset_dir, prot, capsys,
     with pytest.raises(UEDatasetsError, match="the output is empty"):  # checked before anything is written
         plan(shards, "")
     monkeypatch.chdir(tmp_path)  # should a regression write anything, it lands here
-    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", "") == 2
+    assert protect_cli("--protection", prot, "--input", str(dataset_dir), "--output", "") == 2
     assert "the output is empty" in capsys.readouterr().err
 
 
@@ -184,7 +160,7 @@ def test_leftovers_of_killed_runs_are_removed_and_old_stats_are_ours(tmp_path, s
     dso = tmp_path / "dso"
     dso.mkdir()  # a commit killed while it wrote the first stats file
     (dso / "ue_datasets_stats.json.partial-12-deadbeef").write_text("{")
-    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(dso)) == 0
+    assert protect_cli("--protection", prot, "--input", str(dataset_dir), "--output", str(dso)) == 0
     assert not [p for p in dso.iterdir() if ".partial-" in p.name]
 
 
@@ -196,9 +172,9 @@ def test_a_dataset_output_with_a_trailing_slash_keeps_its_partial_and_lock_besid
     real = sources._commit_dataset
     monkeypatch.setattr(sources, "_commit_dataset", lambda partial, *a: (seen.append(partial), real(partial, *a)))
     out = str(tmp_path / "out") + "/"
-    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", out) == 0
+    assert protect_cli("--protection", prot, "--input", str(dataset_dir), "--output", out) == 0
     assert os.path.dirname(seen[0]) == str(tmp_path) and sorted(os.listdir(tmp_path)).count("out") == 1
-    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", out) == 0
+    assert protect_cli("--protection", prot, "--input", str(dataset_dir), "--output", out) == 0
     assert json.loads((tmp_path / "out" / "ue_datasets_stats.json").read_text())["output"] == "out"
 
 
@@ -217,8 +193,8 @@ def test_two_concurrent_runs_into_one_folder_give_complete_identical_shards(tmp_
         assert r.wait(timeout=240) == 0, r.stderr.read().decode()
     protect_shards(protection, str(tmp_path / "in"), str(tmp_path / "clean"), ShardOptions(device="cpu"),
                    progress=False)
-    assert _tree(tmp_path / "out").keys() == _tree(tmp_path / "clean").keys()
-    for name in _tree(tmp_path / "clean"):
+    assert tree(tmp_path / "out").keys() == tree(tmp_path / "clean").keys()
+    for name in tree(tmp_path / "clean"):
         if name.endswith(".tar"):
             assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
 
@@ -333,14 +309,14 @@ def test_workers_die_with_a_killed_run(tmp_path, prot):
     while marked() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert marked() == [], "orphaned workers go on after the run was killed"
-    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                 "--workers", "2") == 0
     assert not [p for p in (tmp_path / "out").iterdir() if ".partial-" in p.name or p.suffix == ".lock"]
 
 
 def test_stats_name_files_not_paths_of_the_protectors_machine(tmp_path, shards, dataset_dir, prot):
-    assert _cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")) == 0
-    assert _cli("--protection", prot, "--input", str(dataset_dir), "--output", str(tmp_path / "dso")) == 0
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")) == 0
+    assert protect_cli("--protection", prot, "--input", str(dataset_dir), "--output", str(tmp_path / "dso")) == 0
     for stats_file in [*(tmp_path / "out").glob("*_stats.json"), tmp_path / "dso" / "ue_datasets_stats.json"]:
         text = stats_file.read_text()
         assert str(tmp_path) not in text and "/tmp" not in text, stats_file

@@ -140,12 +140,18 @@ def write_hashed(url: str, write: Callable[[Any], Any]) -> tuple[Any, dict[str, 
         except OSError as e:
             raise output_error(final_url(url), e) from None
     except BaseException:
-        try:
-            fs.rm(path)
-        except (FileNotFoundError, OSError):
-            pass
+        discard(url)
         raise
     return result, {"bytes": hashed.size, "sha256": hashed.sha256.hexdigest()}
+
+
+def discard(url: str) -> None:
+    """Remove a partial file or folder this run wrote (nothing when it is not there)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        fs.rm(path, recursive=True)
+    except OSError:
+        pass
 
 
 def write_json(url: str, payload: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ comes back as a `SampleError` in its slot, so the caller decides to fail or to s
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,7 +20,9 @@ from PIL import Image
 from ..artifact import Protection
 from ..errors import SampleError, UEDatasetsError
 from .core import check_label, needs_labels, protect_batch
-from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL, Decoded, decode_with_profile, encode_png, image_tensor
+from .images import (
+    DEFAULT_MAX_PIXELS, PNG_LEVEL, Decoded, decode_with_profile, encode_png, holds_image, image_tensor,
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,23 @@ def shared_pool() -> ThreadPoolExecutor:
         pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="ue-codec")
         _POOL = (os.getpid(), pool)
     return _POOL[1]
+
+
+def field_names(value: str | Iterable[str]) -> tuple[str, ...]:
+    """Field or column names given as one name or several."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def refuse_hidden_image(row: Callable[[str], Any], columns: Iterable[str]) -> None:
+    """Raise when one of a table row's ``columns`` (``row(column)`` gives its cell) holds image data.
+
+    Raises:
+        UEDatasetsError: naming the column, so that no image leaves unprotected in another column.
+    """
+    hidden = next((c for c in columns if holds_image(row(c))), None)
+    if hidden is not None:
+        raise UEDatasetsError(f"column {hidden!r} holds image data; protect it in another pass (image field or "
+                              "column), or keep it as it is with keep_fields / --keep-field")
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,8 +35,8 @@ from ..artifact import Protection, load_protection
 from ..errors import SampleError, UEDatasetsError
 from ..version import __version__
 from .core import needs_labels
-from .encoded import Item, protect_encoded
-from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL, holds_image
+from .encoded import Item, field_names, protect_encoded, refuse_hidden_image
+from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
 
 
 #: The process that imported this module; a forked child inherits it, a spawned one imports anew.
@@ -106,7 +107,7 @@ class ProtectMap:
         self.image_column, self.label_column, self.key_column = image_column, label_column, key_column
         self.device, self.on_error, self.png_level = device, on_error, png_level
         self.as_bytes, self.source, self.max_pixels = as_bytes, source, max_pixels
-        self.keep_columns = (keep_columns,) if isinstance(keep_columns, str) else tuple(keep_columns)
+        self.keep_columns = field_names(keep_columns)
         self.scan_columns = scan_columns
         self.skipped: list[dict[str, str]] = [] if skipped is None else skipped
 
@@ -190,10 +191,7 @@ class ProtectMap:
         items: list[tuple[int, Item]] = []
         for i in range(n):
             try:
-                hidden = next((c for c in scanned if holds_image(batch[c][i])), None)
-                if hidden is not None:
-                    raise UEDatasetsError(f"column {hidden!r} holds image data; protect it in another pass, or "
-                                          "list it in keep_columns to keep it as is")
+                refuse_hidden_image(lambda c: batch[c][i], scanned)  # noqa: B023
                 items.append((i, Item(keys[i], self._image(images[i]), labels[i])))
             except UEDatasetsError as e:
                 results[i] = SampleError(self.source, keys[i], str(e))
@@ -215,37 +213,36 @@ class ProtectMap:
         return out
 
 
+def _any_feature(feature: Any, leaf: Callable[[Any], bool]) -> bool:
+    """Whether ``leaf`` holds for a ``datasets`` feature or any feature inside it (dicts, lists,
+    ``Sequence``/``List``); the same walk as `ue_datasets.apply.parquet.image_columns` makes over the
+    features' JSON form."""
+    if isinstance(feature, dict):
+        return any(_any_feature(f, leaf) for f in feature.values())
+    if isinstance(feature, (list, tuple)):
+        return any(_any_feature(f, leaf) for f in feature)
+    inner = getattr(feature, "feature", None)
+    return _any_feature(inner, leaf) if inner is not None else leaf(feature)
+
+
 def _has_image(feature: Any) -> bool:
-    """Whether a ``datasets`` feature is, or holds at any depth, an ``Image`` (the same walk as
-    `ue_datasets.apply.parquet.image_columns` makes over the features' JSON form)."""
+    """Whether a ``datasets`` feature is, or holds at any depth, an ``Image``."""
     import datasets
 
-    if isinstance(feature, datasets.Image):
-        return True
-    if isinstance(feature, dict):
-        return any(_has_image(f) for f in feature.values())
-    if isinstance(feature, (list, tuple)):
-        return any(_has_image(f) for f in feature)
-    inner = getattr(feature, "feature", None)
-    return inner is not None and _has_image(inner)
+    return _any_feature(feature, lambda f: isinstance(f, datasets.Image))
 
 
 def _may_hold_bytes(feature: Any) -> bool:
     """Whether a ``datasets`` feature can hold encoded bytes (binary values, ``Image``, ``Audio``...) at any depth."""
     import datasets
 
-    if isinstance(feature, datasets.Value):
-        return feature.dtype in ("binary", "large_binary")
-    if isinstance(feature, (datasets.ClassLabel, datasets.Translation, datasets.TranslationVariableLanguages)):
-        return False
-    if type(feature).__name__.startswith("Array"):  # Array2D..Array5D: numbers
-        return False
-    if isinstance(feature, dict):
-        return any(_may_hold_bytes(f) for f in feature.values())
-    if isinstance(feature, (list, tuple)):
-        return any(_may_hold_bytes(f) for f in feature)
-    inner = getattr(feature, "feature", None)
-    return True if inner is None else _may_hold_bytes(inner)
+    def leaf(f: Any) -> bool:
+        if isinstance(f, datasets.Value):
+            return f.dtype in ("binary", "large_binary")
+        numbers_or_text = (datasets.ClassLabel, datasets.Translation, datasets.TranslationVariableLanguages)
+        return not isinstance(f, numbers_or_text) and not type(f).__name__.startswith("Array")  # Array2D..5D
+
+    return _any_feature(feature, leaf)
 
 
 def _is_image_feature(features: Any, column: str) -> bool:
@@ -295,7 +292,7 @@ def protect_dataset(
             for split, d in dataset.items()
         })
     features = dataset.features
-    keep_columns = (keep_columns,) if isinstance(keep_columns, str) else tuple(keep_columns)
+    keep_columns = field_names(keep_columns)
     others = [c for c, f in (features or {}).items()
               if _has_image(f) and c != image_column and c not in keep_columns]
     if others:

@@ -109,7 +109,6 @@ def check_output(patterns: list[str], inputs: list[str], outputs: list[str]) -> 
     Raises:
         UEDatasetsError: naming the output and the input it aliases.
     """
-    _refuse_chained(outputs)
     by_path: dict[tuple[str, str], str] = {}
     by_inode: dict[tuple[int, int], str] = {}
     for url in inputs:
@@ -132,18 +131,18 @@ def check_output(patterns: list[str], inputs: list[str], outputs: list[str]) -> 
                                       "read protected files back as input; choose an output folder outside it")
 
 
-def _refuse_chained(outputs: list[str]) -> None:
-    if any(not str(o).strip().rstrip("/") for o in outputs):
+def check_output_name(output: str) -> None:
+    """Refuse an output folder that is empty (an unset variable) or a chained fsspec URL."""
+    if not str(output).strip().rstrip("/"):
         raise UEDatasetsError("the output is empty (an unset variable?); give an output folder")
-    chained = next((o for o in outputs if "::" in str(o)), None)
-    if chained is not None:
-        raise UEDatasetsError(f"{chained}: chained fsspec URLs (a::b) are not accepted as outputs; "
+    if "::" in str(output):
+        raise UEDatasetsError(f"{output}: chained fsspec URLs (a::b) are not accepted as outputs; "
                               "give the URL of the filesystem that holds the output")
 
 
 def check_dataset_output(src: str, dst: str) -> None:
     """Refuse a dataset directory output that is, holds, or lies inside its input directory."""
-    _refuse_chained([dst])
+    check_output_name(dst)
     a, b = locate(src), locate(dst)
     if same(a, b):
         raise UEDatasetsError(f"{dst}: is the input dataset {src}; choose another output directory")

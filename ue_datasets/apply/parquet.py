@@ -24,8 +24,7 @@ import pyarrow.parquet as pq
 from ..artifact import Protection
 from ..errors import SampleError, SourceError, UEDatasetsError
 from .core import needs_labels
-from .encoded import Item, batched, protect_encoded_stream
-from .images import holds_image
+from .encoded import Item, batched, protect_encoded_stream, refuse_hidden_image
 from .shards import ShardOptions, ShardStats, check_not_empty, commit_file, run
 
 
@@ -143,10 +142,7 @@ def protect_parquet_file(
                 outcome: dict[int, Any] = {}  # row -> Item to protect, or its SampleError
                 for i in range(n):
                     try:
-                        hidden = next((c for c in scanned if holds_image(rows[c][i])), None)
-                        if hidden is not None:
-                            raise UEDatasetsError(f"column {hidden!r} holds image data; protect it in another pass "
-                                                  "(--image-field), or list it with --keep-field to keep it as is")
+                        refuse_hidden_image(lambda c: rows[c][i], scanned)  # noqa: B023
                         label = rows[label_col][i] if labelled else None
                         outcome[i] = Item(keys[i], _image_value(rows[image_col][i]), label)
                     except UEDatasetsError as e:
@@ -206,12 +202,7 @@ def protect_parquet(
     ``inputs`` is a list of file URLs, or one string as ``ue-datasets protect --input`` takes it (a
     brace pattern, glob or folder).
     """
-    patterns = None
-    if isinstance(inputs, str):
-        from .sources import resolve
+    from .sources import input_files
 
-        source = resolve(inputs)
-        if source.kind != "parquet":
-            raise UEDatasetsError(f"{inputs}: not parquet files (found {source.kind})")
-        inputs, patterns = source.urls, source.patterns
-    return run(protect_parquet_file, protection, inputs, output_dir, options, workers, overwrite, progress, patterns)
+    urls, patterns = input_files(inputs, "parquet")
+    return run(protect_parquet_file, protection, urls, output_dir, options, workers, overwrite, progress, patterns)

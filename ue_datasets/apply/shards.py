@@ -27,12 +27,13 @@ from ..artifact import Protection
 from ..errors import SourceError, UEDatasetsError
 from ..version import __version__
 from .commit import (
-    OutputBusy, OutputLock, checks_out, final_url, output_error, partial_url, read_json, remove_partials, rename,
-    source_identity, stats_url, write_hashed, write_json,
+    OutputBusy, OutputLock, checks_out, discard, final_url, output_error, partial_url, read_json, remove_partials,
+    rename, source_identity, stats_url, write_hashed, write_json,
 )
 from .core import needs_keys, resolve_device, selected
 from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
-from .locations import check_output
+from .encoded import field_names
+from .locations import check_output, check_output_name
 
 ON_ERROR = ("fail", "skip")
 #: Seconds between looks at files another run is writing.
@@ -76,8 +77,7 @@ class ShardOptions:
             raise UEDatasetsError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_pixels < 1:
             raise UEDatasetsError(f"max_pixels must be >= 1, got {self.max_pixels}")
-        keep = (self.keep_fields,) if isinstance(self.keep_fields, str) else tuple(self.keep_fields)
-        object.__setattr__(self, "keep_fields", keep)
+        object.__setattr__(self, "keep_fields", field_names(self.keep_fields))
 
     def replace(self, **changes: Any) -> ShardOptions:
         return ShardOptions(**{**asdict(self), **changes})
@@ -199,11 +199,7 @@ def commit_file(
             write_json(stats_url(out_url), asdict(stats))
             rename(partial, out_url)
         except BaseException:
-            fs, path = fsspec.core.url_to_fs(partial)
-            try:
-                fs.rm(path)
-            except (FileNotFoundError, OSError):
-                pass
+            discard(partial)
             raise
     return asdict(stats)
 
@@ -219,8 +215,7 @@ def plan(inputs: Sequence[str], output_dir: str, patterns: Sequence[str] | None 
     """
     if isinstance(inputs, str):
         raise UEDatasetsError(f"inputs must be a list of files, got the string {inputs!r}")
-    if not str(output_dir).strip().rstrip("/"):  # "" + "/" + name would be a file in the root folder
-        raise UEDatasetsError("the output is empty (an unset variable?); give an output folder")
+    check_output_name(output_dir)  # before "" + "/" + name makes a file of the root folder
     pairs, seen = [], {}
     for url in inputs:
         name = output_name(url)

@@ -18,6 +18,7 @@ import errno
 import posixpath
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +29,8 @@ from ..artifact import Protection
 from ..errors import SourceError, UEDatasetsError
 from ..version import __version__
 from .commit import (
-    OutputLock, checks_out, file_digest, is_partial_of, output_error, partial_url, read_json, remove_partials,
-    rename, source_identity, write_json,
+    OutputLock, checks_out, discard, file_digest, is_partial_of, output_error, partial_url, read_json,
+    remove_partials, rename, source_identity, write_json,
 )
 from .core import needs_keys, selected
 from .locations import check_dataset_output
@@ -38,6 +39,7 @@ from .shards import ShardOptions
 HF_MARKERS = ("state.json", "dataset_dict.json")
 HF_STATS = "ue_datasets_stats.json"
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+KIND_NAMES = {"wds": "webdataset shards", "parquet": "parquet files", "hf": "a save_to_disk dataset"}
 
 
 @dataclass
@@ -99,6 +101,22 @@ def _relative_name(name: object) -> bool:
     """Whether ``name`` is a plain relative file name inside a folder (no ``..``, not absolute)."""
     return (isinstance(name, str) and bool(name) and not name.startswith("/") and posixpath.normpath(name) == name
             and name.split("/", 1)[0] != ".." and name != HF_STATS)
+
+
+def input_files(inputs: str | Sequence[str], kind: str) -> tuple[list[str], list[str] | None]:
+    """The files of a rewriter's ``inputs`` and the patterns they came from.
+
+    Args:
+        inputs: a list of file URLs (taken as they are; patterns ``None``), or one string as
+            ``ue-datasets protect --input`` takes it (a brace pattern, glob or folder).
+        kind: what the files must be (``wds`` or ``parquet``).
+    """
+    if not isinstance(inputs, str):
+        return list(inputs), None
+    source = resolve(inputs)
+    if source.kind != kind:
+        raise UEDatasetsError(f"{inputs}: not {KIND_NAMES[kind]} (found {KIND_NAMES[source.kind]})")
+    return source.urls, source.patterns
 
 
 def _owned_dataset(dst: str, protection: Protection, overwrite: bool) -> dict[str, Any] | None:
@@ -197,9 +215,7 @@ def _protect_hf(
             stats.update(source=source, settings=settings)
             _commit_dataset(partial, dst, stats, done)
         except BaseException:
-            pfs, ppath = fsspec.core.url_to_fs(partial)
-            if pfs.exists(ppath):
-                pfs.rm(ppath, recursive=True)
+            discard(partial)
             raise
     return stats
 

@@ -155,6 +155,16 @@ def _fields(sample: dict[str, Any]) -> str:
     return ", ".join(k for k in sample if k not in META) or "none"
 
 
+def _is_image_name(field: str) -> bool:
+    """Whether a field's last extension part is a format that is read as an image."""
+    return field not in META and field.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
+def _named_field(sample: dict[str, Any], image_field: str | None) -> None:
+    if image_field is not None and image_field not in sample:
+        raise UEDatasetsError(f"no image field {image_field!r} (fields: {_fields(sample)})")
+
+
 def image_fields(sample: dict[str, Any], image_field: str | None = None, keep_fields: Sequence[str] = ()) -> list[str]:
     """Every field of a raw sample that holds an image (see the module docstring), in sample order.
 
@@ -162,8 +172,7 @@ def image_fields(sample: dict[str, Any], image_field: str | None = None, keep_fi
         UEDatasetsError: no image field (or ``image_field`` is missing), an image format that is not
             read, or image bytes in a field not named as an image.
     """
-    if image_field is not None and image_field not in sample:
-        raise UEDatasetsError(f"no image field {image_field!r} (fields: {_fields(sample)})")
+    _named_field(sample, image_field)
     found = []
     for k, v in sample.items():
         if k in META or k in keep_fields:
@@ -177,7 +186,7 @@ def image_fields(sample: dict[str, Any], image_field: str | None = None, keep_fi
         if last in UNREAD_IMAGE_EXTENSIONS:
             raise UEDatasetsError(f"field {k!r}: {last} images are not read; convert them (png, jpg, webp...) "
                                   "or list the field in keep_fields (--keep-field) to publish it unprotected")
-        if k == image_field or last in IMAGE_EXTENSIONS:
+        if k == image_field or _is_image_name(k):
             found.append(k)
         elif isinstance(v, (bytes, bytearray, memoryview)) and looks_like_image(v):
             raise UEDatasetsError(f"field {k!r} holds image data but is not named as an image; name it with an "
@@ -190,12 +199,11 @@ def image_fields(sample: dict[str, Any], image_field: str | None = None, keep_fi
 def image_field_of(sample: dict[str, Any], image_field: str | None) -> str:
     """The field of a raw sample's first image (as fit and the audit read it): ``image_field``, or the
     first field whose last extension part is an image format."""
+    _named_field(sample, image_field)
     if image_field is not None:
-        if image_field not in sample:
-            raise UEDatasetsError(f"no image field {image_field!r} (fields: {_fields(sample)})")
         return image_field
     for k in sample:
-        if k not in META and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+        if _is_image_name(k):
             return k
     raise UEDatasetsError(f"no image field; looked for {', '.join(IMAGE_EXTENSIONS)} (fields: {_fields(sample)})")
 
@@ -386,12 +394,7 @@ def protect_shards(
     Returns:
         The stats of every shard, in input order.
     """
-    patterns = None
-    if isinstance(inputs, str):
-        from .sources import resolve
+    from .sources import input_files
 
-        source = resolve(inputs)
-        if source.kind != "wds":
-            raise UEDatasetsError(f"{inputs}: not webdataset shards (found {source.kind})")
-        inputs, patterns = source.urls, source.patterns
-    return run(protect_shard, protection, inputs, output_dir, options, workers, overwrite, progress, patterns)
+    urls, patterns = input_files(inputs, "wds")
+    return run(protect_shard, protection, urls, output_dir, options, workers, overwrite, progress, patterns)
