@@ -153,6 +153,14 @@ def test_augment_path_is_deterministic(clean_task):
     assert a.train_loss != train_classifier("small-cnn", *clean_task, K, dataclasses.replace(cfg, augment=False)).train_loss
 
 
+def test_on_epoch_reports_each_epochs_time_without_changing_the_result(clean_task):
+    x, y, tx, ty = (t[:64] for t in clean_task)
+    calls = []
+    with_callback = train_classifier("small-cnn", x, y, tx, ty, K, FAST, on_epoch=lambda e, s: calls.append((e, s)))
+    assert [e for e, _ in calls] == [1, 2] and all(0 < s <= with_callback.seconds for _, s in calls)
+    assert with_callback.test_accuracy == train_classifier("small-cnn", x, y, tx, ty, K, FAST).test_accuracy
+
+
 @pytest.mark.parametrize("n", [1, 5, 32, 33, 34, 64, 65])
 def test_batches_cover_every_sample_once_and_never_leave_one_alone(n):
     chunks = _batches(n, 32, torch.Generator().manual_seed(0))

@@ -75,7 +75,7 @@ def test_bad_sample_fails_with_shard_and_key_and_exit_code_2(tmp_path, capsys):
     assert "bad.tar" in err and repr(samples[2]["__key__"]) in err and "out of range" in err
     assert not (tmp_path / "out" / "bad.tar").exists()
     assert main(["protect", "--protection", str(prot), "--input", shard, "--output", str(tmp_path / "out"),
-                 "--on-error", "skip", "--no-progress"]) == 0
+                 "--on-error", "skip", "--max-skipped", "1", "--no-progress"]) == 0
     stats = json.loads((tmp_path / "out" / "bad_stats.json").read_text())
     assert stats["skipped"] == [{"key": samples[2]["__key__"], "reason": "label 17 is out of range [0, 10)"}]
     assert [s["__key__"] for s in read_tar(tmp_path / "out" / "bad.tar")] == [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import datasets
 import numpy as np
@@ -13,11 +14,11 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import encode, png_pixels, read_tar, to_chw, write_shard
-from ue_datasets.apply.clusters import assign_clusters, decode_keys, fitted_table, pixel_checksum
+from ue_datasets.apply.clusters import assign_clusters, decode_keys, fitted_table, pixel_checksum, use_encoder
 from ue_datasets.apply.core import protect_batch
 from ue_datasets.apply.hf import protect_dataset
 from ue_datasets.apply.wds import protect_stage
-from ue_datasets.artifact import load_protection
+from ue_datasets.artifact import Protection, load_protection
 from ue_datasets.cli import main
 from ue_datasets.encoders import load_encoder, parse_encoder
 from ue_datasets.errors import UEDatasetsError
@@ -88,8 +89,8 @@ def test_stored_and_recomputed_assignments_agree(fitted):
 
 
 def test_minibatch_kmeans_mode_finds_the_same_groups(fitted):
-    p = fit_clusters(fitted["shard"], parse_encoder(fitted["spec"], size=16), clusters=3, epochs=1, batch_size=8,
-                     resolution=8, kmeans_mode="minibatch", device="cpu", progress=False)
+    p = fit_clusters(fitted["shard"], parse_encoder(fitted["spec"], size=16), clusters=3, mode="fast", epochs=1,
+                     batch_size=8, resolution=8, kmeans_mode="minibatch", device="cpu", progress=False)
     a, b = p.tensors["assignments"].tolist(), fitted["protection"].tensors["assignments"].tolist()
     assert len(set(zip(a, b))) == 3  # the same partition, up to cluster numbering
     assert p.params["kmeans_mode"] == "minibatch"
@@ -263,10 +264,64 @@ def test_a_callable_encoder_protection_needs_the_encoder_for_new_images(tmp_path
     assert protect_batch(loaded, new).shape == new.shape
 
 
+def _moved(fitted, tmp_path) -> Protection:
+    """The fitted protection as saved before its encoder's weights were moved away (a new id)."""
+    p = fitted["protection"]
+    gone = {**p.params["encoder"], "weights": str(tmp_path / "gone" / "rn18.pth")}
+    Protection("clusters", {**p.params, "encoder": gone}, p.tensors).save(tmp_path / "prot")
+    return load_protection(tmp_path / "prot")
+
+
+def test_use_encoder_points_a_clusters_artifact_at_moved_weights(fitted, tmp_path, monkeypatch):
+    from ue_datasets.apply import clusters as apply_clusters
+
+    shutil.copy(fitted["dir"] / "rn18.pth", tmp_path / "moved.pth")
+    loaded = _moved(fitted, tmp_path)
+    new = torch.full((1, 3, 16, 16), 90, dtype=torch.uint8)
+    with pytest.raises(UEDatasetsError, match="--encoder SPEC"):
+        protect_batch(loaded, new)
+    # the spec's own preprocessing (224 px) gives way to the fitted one (16 px)
+    moved = use_encoder(loaded, f"torchvision:resnet18:{tmp_path / 'moved.pth'}")
+    assert moved.id == loaded.id and moved.params["encoder"]["weights"] == str(tmp_path / "moved.pth")
+    assert moved.params["encoder"]["size"] == 16
+    expected = protect_batch(fitted["protection"], new)
+    assert torch.equal(protect_batch(moved, new), expected)
+    monkeypatch.setattr(apply_clusters, "_ENCODERS", {})  # a spawned worker rebuilds it from the moved spec
+    assert torch.equal(protect_batch(moved, new), expected)
+
+
+def test_protect_encoder_option_points_the_cli_at_moved_weights(fitted, tmp_path):
+    shutil.copy(fitted["dir"] / "rn18.pth", tmp_path / "moved.pth")
+    _moved(fitted, tmp_path)
+    new_keys = [{"__key__": f"new{i}", "png": b, "cls": b"0"} for i, b in enumerate(fitted["pngs"][:4])]
+    shard = write_shard(str(tmp_path / "in" / "s.tar"), new_keys)  # keys not fitted: the encoder assigns clusters
+    args = ["protect", "--protection", str(tmp_path / "prot"), "--input", shard, "--no-progress", "--device", "cpu"]
+    assert main([*args, "--output", str(tmp_path / "out1")]) == 2  # the recorded weights are gone
+    assert main([*args, "--output", str(tmp_path / "out2"),
+                 "--encoder", f"torchvision:resnet18:{tmp_path / 'moved.pth'}"]) == 0
+    expected = protect_batch(fitted["protection"], [png_pixels(b) for b in fitted["pngs"][:4]])
+    assert [png_pixels(s["png"]).tolist() for s in read_tar(str(tmp_path / "out2" / "s.tar"))] == [
+        x.tolist() for x in expected]
+
+
+def test_use_encoder_refuses_other_weights_and_other_methods(fitted, tmp_path):
+    import torchvision
+
+    from ue_datasets import fit_convolution
+    from ue_datasets.encoders import EncoderError
+
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(EncoderError, match="differ from the ones the protection was fitted with"):
+        use_encoder(_moved(fitted, tmp_path), f"torchvision:resnet18:{tmp_path / 'other.pth'}")
+    with pytest.raises(UEDatasetsError, match="only used by clusters protections; this one is 'convolution'"):
+        use_encoder(fit_convolution(10, key=0), fitted["spec"])
+
+
 def test_fit_clusters_cli_then_protect_and_inspect(fitted, tmp_path, capsys):
     out = tmp_path / "uc"
     assert main(["fit", "clusters", "--input", fitted["shard"], "--encoder", fitted["spec"], "--image-size", "16",
-                 "--clusters", "3", "--epochs", "1", "--batch-size", "8", "--resolution", "8", "--device", "cpu",
+                 "--clusters", "3", "--mode", "fast", "--epochs", "1", "--batch-size", "8", "--resolution", "8", "--device", "cpu",
                  "-o", str(out), "--no-progress"]) == 0
     assert "fitted clusters: 24 images in 3 clusters" in capsys.readouterr().out
     assert not (tmp_path / "uc.cache").exists()

@@ -22,6 +22,7 @@ from ue_datasets.encoders import (
     Encoder,
     EncoderError,
     EncoderSpec,
+    RandomEncoderWarning,
     callable_encoder,
     load_encoder,
     parse_encoder,
@@ -252,9 +253,18 @@ def test_unfetchable_tag_fails_fast_offline():
     assert time.monotonic() - t0 < 15
     msg = str(ei.value)
     assert "RN50" in msg and "openai" in msg and "local" in msg
-    assert "open_clip:RN50:/path/to/checkpoint.pt" in msg
+    # OpenAI weights need the QuickGELU config with a checkpoint file, as the README says
+    assert "open_clip:RN50-quickgelu:/path/to/checkpoint.pt" in msg and "QuickGELU" in msg
+    assert "create_model('RN50-quickgelu', pretrained='openai')" in msg
     assert "local-dir:" in msg and "torchvision:resnet50:/path/weights.pth" in msg
     assert isinstance(ei.value, UEDatasetsError)
+
+
+def test_a_gelu_tag_keeps_its_model_name_in_the_checkpoint_hint():
+    with pytest.raises(EncoderError) as ei:
+        load_encoder("open_clip:ViT-B-32:laion2b_s34b_b79k")
+    msg = str(ei.value)
+    assert "open_clip:ViT-B-32:/path/to/checkpoint.pt" in msg and "quickgelu" not in msg.lower()
 
 
 def test_unfetchable_tag_fails_fast_without_offline_flag(monkeypatch):
@@ -271,7 +281,7 @@ def test_unfetchable_tag_fails_fast_without_offline_flag(monkeypatch):
     with pytest.raises(EncoderError, match="unreachable") as ei:
         load_encoder("open_clip:RN50:openai")
     assert time.monotonic() - t0 < 20
-    assert "open_clip:RN50:/path/to/checkpoint.pt" in str(ei.value)
+    assert "open_clip:RN50-quickgelu:/path/to/checkpoint.pt" in str(ei.value)
 
 
 @pytest.mark.parametrize(
@@ -348,9 +358,26 @@ def test_torchvision_bad_weights_and_random_init(resnet18_state, tmp_path):
     with pytest.raises(EncoderError, match="plain state dict"):
         load_encoder(parse_encoder(f"torchvision:resnet18:{tmp_path / 'pickle.pth'}", size=32))
     # random init is seeded: two loads agree (usable only in tests)
-    a = load_encoder(parse_encoder("torchvision:resnet18", size=32))
-    b = load_encoder(parse_encoder("torchvision:resnet18", size=32))
+    with pytest.warns(RandomEncoderWarning):
+        a = load_encoder(parse_encoder("torchvision:resnet18", size=32))
+    with pytest.warns(RandomEncoderWarning):
+        b = load_encoder(parse_encoder("torchvision:resnet18", size=32))
     assert a.spec.weights is None and a.spec.weights_digest == b.spec.weights_digest
+
+
+def test_a_torchvision_encoder_without_weights_warns_that_it_is_random():
+    with pytest.warns(RandomEncoderWarning) as caught:
+        load_encoder("torchvision:resnet18")
+    msg = str(caught[0].message)
+    assert "RANDOM network" in msg and "meaningless" in msg and "tests only" in msg
+    assert "torchvision:resnet18:/path/weights.pth" in msg
+    assert issubclass(RandomEncoderWarning, UserWarning)
+
+
+def test_an_encoder_with_weights_does_not_warn(resnet18_state, tmp_path, recwarn):
+    torch.save(resnet18_state, tmp_path / "r18.pth")
+    load_encoder(parse_encoder(f"torchvision:resnet18:{tmp_path / 'r18.pth'}", size=32))
+    assert not [w for w in recwarn if issubclass(w.category, RandomEncoderWarning)]
 
 
 # -------------------------------------------------------------------------------------- callables

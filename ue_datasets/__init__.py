@@ -3,11 +3,21 @@
 The flow has three stages: **fit** a protection (`ue_datasets.fit`), keep it as a **protection
 artifact** (`Protection`, saved with `Protection.save` and read with `load_protection`), and **apply**
 it through one tensor core (`protect_batch`) behind thin adapters: `ue_datasets.transforms` (torchvision
-v2), `ue_datasets.hf` (``datasets.map``), `ue_datasets.wds` (webdataset) and the ``ue-datasets`` CLI.
+v2), `ue_datasets.apply.hf` (``datasets.map``), `ue_datasets.apply.wds` (webdataset),
+`ue_datasets.apply.parquet`, and `ue_datasets.protect` and the ``ue-datasets`` CLI for whole datasets.
+
+    >>> import ue_datasets
+    >>> protection = ue_datasets.fit("cuda", num_classes=10, key=123456789)
+    >>> protection.method
+    'convolution'
+
+Names are imported on first use, so that ``import ue_datasets`` (and ``ue-datasets --help``) stays fast.
 """
 
+import importlib as _importlib
 import os as _os
 import sys as _sys
+from typing import Any as _Any
 
 
 def _serve_checkout_transforms() -> None:
@@ -38,23 +48,30 @@ def _serve_checkout_transforms() -> None:
 
 _serve_checkout_transforms()
 
-from .apply.core import protect_batch  # noqa: E402
-from .artifact import Protection, load_protection, read_manifest  # noqa: E402
-from .errors import ArtifactError, OutputError, SampleError, SourceError, UEDatasetsError  # noqa: E402
-from .fit import fit_clusters, fit_convolution  # noqa: E402
+#: Public names and the modules that hold them, imported on first use (torch takes seconds to import).
+_LAZY = {
+    "ArtifactError": "errors", "OutputError": "errors", "SampleError": "errors", "SourceError": "errors",
+    "UEDatasetsError": "errors",
+    "Protection": "artifact", "load_protection": "artifact", "read_manifest": "artifact",
+    "protect_batch": "apply.core",
+    "protect": "apply.protect", "ProtectResult": "apply.protect", "TooManySkipped": "apply.protect",
+    "fit_clusters": "fit", "fit_convolution": "fit",
+}
+
 from .version import __version__  # noqa: E402
 
-__all__ = [
-    "ArtifactError",
-    "OutputError",
-    "Protection",
-    "SampleError",
-    "SourceError",
-    "UEDatasetsError",
-    "__version__",
-    "fit_clusters",
-    "fit_convolution",
-    "load_protection",
-    "protect_batch",
-    "read_manifest",
-]
+__all__ = sorted([*_LAZY, "__version__", "fit"])
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name == "fit":  # the `fit` subpackage, which is also callable: ue_datasets.fit("cuda", ...)
+        return _importlib.import_module(".fit", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

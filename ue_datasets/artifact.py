@@ -182,3 +182,8 @@ def load_protection(directory: str | os.PathLike, device: torch.device | str = "
             f"{protection.digest}; the artifact was modified or corrupted"
         )
     return protection.to(device) if torch.device(device).type != "cpu" else protection
+
+
+def as_protection(protection: Protection | str | os.PathLike) -> Protection:
+    """``protection`` itself, or the artifact saved in that directory (`load_protection`)."""
+    return protection if isinstance(protection, Protection) else load_protection(protection)

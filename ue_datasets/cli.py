@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from typing import Any
 
 from .errors import UEDatasetsError
 from .version import __version__
@@ -14,10 +12,14 @@ from .version import __version__
 #: Kept equal to `ue_datasets.apply.images.DEFAULT_MAX_PIXELS` (a test checks it) so that `--help`
 #: does not import the image stack.
 DEFAULT_MAX_PIXELS = 100_000_000
+#: Kept equal to `ue_datasets.apply.protect.DEFAULT_MAX_SKIPPED` and `ue_datasets.apply.shards.DEFAULT_BATCH_SIZE`.
+DEFAULT_MAX_SKIPPED = "1%"
+DEFAULT_BATCH_SIZE = 64
 
 EPILOG = """\
 The flow: `fit` computes a protection and saves it as an artifact directory (keep it secret: it can
-regenerate the protection); `protect` applies it to a dataset; `inspect` shows what an artifact is.
+regenerate the protection); `protect` applies it to a dataset; `verify` checks a protected output
+before you publish it; `inspect` shows what an artifact is; `audit` measures how well it protects.
 Try `ue-datasets demo` first: it protects a small real sample shipped with the package.
 """
 
@@ -36,6 +38,19 @@ def _positive(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Explains the usual cause of stray arguments: a shell glob left unquoted, expanded into many files."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        import os
+
+        stray = message.partition("unrecognized arguments: ")[2].split()
+        if stray and all(os.path.exists(a) for a in stray[:3]):
+            message += (f" ({len(stray)} path(s) left over: the shell expanded an unquoted pattern into "
+                        "several files and this option takes one; quote the pattern, as in --input 'data/*.tar')")
+        super().error(message)
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where there is one worth showing."""
 
@@ -47,7 +62,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = _Formatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ue-datasets",
         description="Make image datasets unlearnable: fit a protection, then apply it to shards and datasets.",
         epilog=EPILOG,
@@ -94,10 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
             "unlearnable however an attacker labels it. Stages: features (cached in --cache, resumable), "
             "k-means, perturbations. ENCODER: open_clip:MODEL:TAG (from the local Hugging Face cache), "
             "open_clip:MODEL:/path/checkpoint.pt, local-dir:/path (an open_clip bundle), "
-            "torchvision:NAME:/path/weights.pth (penultimate features). Nothing is downloaded when offline."
+            "torchvision:NAME:/path/weights.pth (penultimate features; without weights a random network, for tests "
+            "only). Nothing is downloaded when offline."
         ),
     )
-    uc.add_argument("--input", required=True, metavar="SRC", help="images to fit on: shards, dataset directory or parquet")
+    uc.add_argument("--input", required=True, nargs="+", metavar="SRC",
+                    help="images to fit on: shards, a dataset directory or parquet files (several allowed)")
     uc.add_argument("--encoder", required=True, metavar="SPEC", help="surrogate encoder (see above)")
     uc.add_argument("--clusters", type=_positive, default=10, metavar="K", help="number of clusters (reference: 10)")
     uc.add_argument("--eps", default="16/255", help="L-inf bound, a fraction such as 16/255 or a number")
@@ -151,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     protect.add_argument("--protection", required=True, help="artifact directory made by `ue-datasets fit`")
-    protect.add_argument("--input", required=True, metavar="SRC", help="shards, dataset directory or parquet files")
+    protect.add_argument("--input", required=True, nargs="+", metavar="SRC",
+                         help="shards, a dataset directory or parquet files; several shard or parquet inputs may "
+                              "follow (an unquoted glob the shell expanded is fine)")
     protect.add_argument("--output", required=True, metavar="DST", help="where to write, in the same form as SRC")
     protect.add_argument("--label-field", default=None,
                          help="field/column with the class id (default: 'cls' for shards, 'label' for datasets and parquet)")
@@ -160,10 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--key-field", default=None,
                          help="column of stable sample keys for datasets and parquet (default: row index); shards use __key__")
     protect.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    protect.add_argument("--encoder", default=None, metavar="SPEC",
+                         help="clusters artifacts only: where the surrogate encoder's weights are now (moved, another "
+                              "machine), as for `fit clusters --encoder`; they must be the fitted weights (digest "
+                              "checked), and the fitted preprocessing is kept")
     protect.add_argument("--workers", type=_positive, default=1, help="processes, each protecting whole shards/files")
-    protect.add_argument("--batch-size", type=_positive, default=64, help="images per batch of the tensor core")
+    protect.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="images per batch of the tensor core")
     protect.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                          help="on a bad sample: stop with an error, or leave it out and record it in the stats")
+    protect.add_argument("--max-skipped", default=DEFAULT_MAX_SKIPPED, metavar="N|P%",
+                         help="with --on-error skip: if more samples than this (a count, or a share of those read) "
+                              "are skipped, the outputs are still written but the command exits with status 1 "
+                              "and names the commonest reasons (a wrong --label-field or --num-classes, say)")
     protect.add_argument("--png-level", type=int, choices=range(0, 10), default=1, metavar="0-9",
                          help="PNG compression level (lossless at any level; 1 is fastest)")
     protect.add_argument("--keep-field", action="append", default=[], metavar="FIELD",
@@ -181,6 +208,31 @@ def build_parser() -> argparse.ArgumentParser:
                                          "The secret tensors are not printed; the key is not stored.")
     inspect.add_argument("artifact", metavar="DIR", help="artifact directory")
     inspect.add_argument("--verify", action="store_true", help="also load the tensors and check the digest")
+
+    verify = sub.add_parser(
+        "verify", formatter_class=fmt,
+        help="check that an output about to be published is protected and leaks nothing",
+        description="Check a protected output before publishing it: every file matches its stats and was "
+                    "written with this artifact; with --clean, each sample's protection is recomputed from "
+                    "the clean image and compared pixel for pixel (unprotected, tampered and foreign samples "
+                    "are named by key); nothing in it holds a local path, the artifact's digest, artifact "
+                    "files or leftover .lock/.partial- files. Exit status: 0 ok, 1 problems found, 2 error.")
+    verify.add_argument("--protection", required=True, help="artifact directory the output was protected with")
+    verify.add_argument("--input", required=True, metavar="PROTECTED",
+                        help="the protected output: shards, dataset directory or parquet files")
+    verify.add_argument("--clean", metavar="SRC", default=None,
+                        help="the source it was protected from; without it pixels are not checked, only stats")
+    verify.add_argument("--sample", type=_positive, default=None, metavar="N",
+                        help="check N samples drawn at random (default: all)")
+    verify.add_argument("--seed", type=int, default=0, help="seed of the --sample draw")
+    verify.add_argument("--label-field", default=None,
+                        help="field/column with the class id, as given to protect (default: 'cls' / 'label')")
+    verify.add_argument("--image-field", default=None, help="field/column with the image (default: auto / 'image')")
+    verify.add_argument("--key-field", default=None, help="column of sample keys for tables (default: row index)")
+    verify.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    verify.add_argument("--report", metavar="FILE", default=None,
+                        help="also write the full report as JSON (it names your paths: keep it out of the output)")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     audit = sub.add_parser(
         "audit",
@@ -257,7 +309,7 @@ def _fit_clusters(args: argparse.Namespace) -> int:
     spec = parse_encoder(args.encoder, size=args.image_size, mean=_triple(args.mean, "mean"),
                          std=_triple(args.std, "std"))
     protection = fit_clusters(
-        args.input, spec, clusters=args.clusters, eps=args.eps, mode=args.mode, cluster_data=args.cluster_data,
+        args.input[0] if len(args.input) == 1 else args.input, spec, clusters=args.clusters, eps=args.eps, mode=args.mode, cluster_data=args.cluster_data,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, resolution=args.resolution, seed=args.seed,
         kmeans_mode=args.kmeans, device=args.device, cache_dir=cache, keep_cache=True, image_field=args.image_field,
         key_field=args.key_field, limit=args.limit, progress=not args.no_progress,
@@ -289,43 +341,29 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(stats: list[dict[str, Any]]) -> dict[str, int]:
-    return {
-        "files": len(stats),
-        "resumed": sum(bool(s.get("resumed")) for s in stats),
-        "samples": sum(s["samples"] for s in stats),
-        "written": sum(s["written"] for s in stats),
-        "protected": sum(s["protected"] for s in stats),
-        "skipped": sum(len(s["skipped"]) for s in stats),
-    }
-
-
 def _protect(args: argparse.Namespace) -> int:
-    from .apply.shards import ShardOptions
-    from .apply.sources import protect_source, resolve
+    from .apply.protect import TooManySkipped, protect
     from .artifact import load_protection
 
     protection = load_protection(args.protection)
-    kind = resolve(args.input).kind
-    options = ShardOptions(
-        label_field=args.label_field or ("cls" if kind == "wds" else "label"),
-        image_field=args.image_field,
-        key_field=args.key_field,
-        batch_size=args.batch_size,
-        device=args.device,
-        on_error=args.on_error,
-        png_level=args.png_level,
-        keep_fields=tuple(args.keep_field),
-        max_pixels=args.max_pixels,
-    )
-    start = time.perf_counter()
-    source, stats = protect_source(protection, args.input, args.output, options, args.workers, args.overwrite,
-                                   progress=not args.no_progress)
-    s = _summary(stats)
-    resumed = f", {s['resumed']} already done" if s["resumed"] else ""
-    print(f"protected {s['written']} of {s['samples']} samples ({s['protected']} changed, {s['skipped']} skipped) "
-          f"in {s['files']} {source.kind} file(s){resumed} -> {args.output} [{time.perf_counter() - start:.1f} s]")
-    if s["skipped"]:
+    if args.encoder:
+        from .apply.clusters import use_encoder
+
+        protection = use_encoder(protection, args.encoder, device=args.device)
+    try:
+        result = protect(
+            args.input, args.output, protection, label_field=args.label_field, image_field=args.image_field,
+            key_field=args.key_field, keep_fields=args.keep_field, batch_size=args.batch_size, device=args.device,
+            on_error=args.on_error, max_skipped=args.max_skipped, png_level=args.png_level,
+            max_pixels=args.max_pixels, workers=args.workers, overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except TooManySkipped as e:
+        print(e.result.summary())
+        print(f"ue-datasets: error: {e}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    if result.skipped:
         print("skipped samples are listed with their reasons in the *_stats.json files", file=sys.stderr)
     return 0
 
@@ -340,6 +378,20 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from .apply.verify import verify
+
+    report = verify(args.protection, args.input, args.clean, args.sample, label_field=args.label_field,
+                    image_field=args.image_field, key_field=args.key_field, device=args.device, seed=args.seed,
+                    progress=not args.no_progress)
+    print(report.summary())
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+            f.write("\n")
+    return 0 if report.ok else 1
+
+
 def _audit(args: argparse.Namespace) -> int:
     from .audit import AuditConfig, run_audit
     from .audit.report import markdown_table
@@ -352,7 +404,9 @@ def _audit(args: argparse.Namespace) -> int:
     )
     report = run_audit(args.protected, args.clean, args.test, args.output, config, progress=not args.no_progress)
     print(markdown_table(report))
-    print(f"report: {args.output}/report.md (report.json, accuracy.png, grid.png) [{report['seconds']:.0f} s]")
+    files = report["files"]
+    others = ", ".join(name for name in files if name != "report.md")
+    print(f"report: {files['report.md']} ({others}) [{report['seconds']:.0f} s]")
     return 0
 
 
@@ -372,7 +426,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"fit": _fit, "protect": _protect, "inspect": _inspect, "audit": _audit, "demo": _demo}[args.command]
+    handler = {"fit": _fit, "protect": _protect, "inspect": _inspect, "verify": _verify, "audit": _audit,
+               "demo": _demo}[args.command]
     try:
         return handler(args)
     except UEDatasetsError as e:

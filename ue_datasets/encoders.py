@@ -13,9 +13,15 @@ digest against it. Spec strings (`parse_encoder`):
 * ``open_clip:MODEL:/path/to/checkpoint.{pt,bin,safetensors}``: a local state dict for MODEL.
 * ``local-dir:/path`` (or ``open_clip:local-dir:/path``): an open_clip bundle directory holding
   ``open_clip_config.json`` and ``open_clip_model.safetensors``; its ``preprocess_cfg`` is used.
-* ``torchvision:NAME`` (random init, seeded: for tests only) and
-  ``torchvision:NAME:/path/weights.{pth,pt,safetensors}``; ``torchvision:NAME:WEIGHTS_ENUM`` (e.g.
-  ``IMAGENET1K_V2``) is accepted only when torchvision's cache already holds the file.
+* ``torchvision:NAME:/path/weights.{pth,pt,safetensors}``; ``torchvision:NAME:WEIGHTS_ENUM`` (e.g.
+  ``IMAGENET1K_V2``) is accepted only when torchvision's cache already holds the file. Plain
+  ``torchvision:NAME`` is a seeded random network, for tests only: loading it warns
+  (`RandomEncoderWarning`).
+
+OpenAI weights were trained with QuickGELU, which only open_clip's ``-quickgelu`` configs build. A
+pretrained tag sets it by itself (``open_clip:RN50:openai``); a checkpoint file cannot tell, so name the
+QuickGELU config with it: ``open_clip:RN50-quickgelu:/models/rn50-openai.pt`` (for ResNets only the
+unused text tower differs, for ViTs the image features do).
 
 Nothing here downloads without a reachable network, and nothing unpickles: checkpoints load with
 ``torch.load(weights_only=True)`` or safetensors.
@@ -32,6 +38,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -64,11 +71,32 @@ class EncoderError(UEDatasetsError):
     """An encoder spec is malformed, its weights cannot be reached, or they differ from the expected ones."""
 
 
+class RandomEncoderWarning(UserWarning):
+    """An encoder was built without weights: a random network, whose clusters mean nothing."""
+
+
+def _checkpoint_model(model: str | None, tag: str | None) -> str:
+    """The open_clip model name to give with a checkpoint file of ``model``'s ``tag`` weights: its
+    ``-quickgelu`` config when the tag was trained with QuickGELU (OpenAI's), which a file cannot tell."""
+    if not model or not tag or _is_path(tag):
+        return model or "MODEL"
+    open_clip = _import_open_clip()
+    quick = f"{model}-quickgelu"
+    if (
+        (open_clip.get_pretrained_cfg(model, tag) or {}).get("quick_gelu")
+        and not (open_clip.get_model_config(model) or {}).get("quick_gelu")
+        and quick in open_clip.list_models()
+    ):
+        return quick
+    return model
+
+
 def _local_weights_hint(model: str | None = None, tag: str | None = None) -> str:
-    m, t = model or "MODEL", tag or "TAG"
+    m, t = _checkpoint_model(model, tag), tag or "TAG"
+    quick = "the QuickGELU config these weights were trained with; " if m != (model or "MODEL") else ""
     return (
         "Point at local weights instead: "
-        f"'open_clip:{m}:/path/to/checkpoint.pt' (made on a machine with internet by "
+        f"'open_clip:{m}:/path/to/checkpoint.pt' ({quick}made on a machine with internet by "
         f"`m = open_clip.create_model('{m}', pretrained='{t}'); torch.save(m.state_dict(), 'checkpoint.pt')`), "
         "or 'local-dir:/path' (an open_clip bundle: open_clip_config.json + open_clip_model.safetensors), "
         "or a torchvision surrogate: '--encoder torchvision:resnet50:/path/weights.pth'."
@@ -682,12 +710,6 @@ def _resolve_open_clip_tag(model: str, tag: str) -> str:
         if cached.is_file():
             return str(cached)
 
-    quickgelu = ""
-    if cfg.get("quick_gelu") and f"{model}-quickgelu" in open_clip.list_models():
-        quickgelu = (
-            f" This tag was trained with QuickGELU: name the model '{model}-quickgelu' with a checkpoint file, "
-            f"e.g. 'open_clip:{model}-quickgelu:/path/to/checkpoint.pt'."
-        )
     pp = ""
     tag_pp = (
         tuple(cfg.get("mean") or ocp.OPENAI_DATASET_MEAN),
@@ -701,7 +723,7 @@ def _resolve_open_clip_tag(model: str, tag: str) -> str:
             f"resize_mode={tag_pp[2]!r} (parse_encoder keyword arguments)."
         )
     base = f"cannot load open_clip weights {model}:{tag}: they are not in the local cache"
-    hint = " " + _local_weights_hint(model, tag) + quickgelu + pp
+    hint = " " + _local_weights_hint(model, tag) + pp
     if _hub_offline():
         raise EncoderError(f"{base} and HF_HUB_OFFLINE is set (offline mode).{hint}")
     if candidates:
@@ -833,6 +855,15 @@ def _load_torchvision(spec: EncoderSpec, device: torch.device) -> tuple[nn.Modul
 
     try:
         if spec.weights is None:
+            warnings.warn(
+                f"encoder torchvision:{spec.name} has no weights: it is a RANDOM network, so its clusters and "
+                "perturbations are meaningless (fine for tests only). Give weights: "
+                f"'torchvision:{spec.name}:/path/weights.pth' (made on a machine with internet by "
+                f"`torch.save(torchvision.models.{spec.name}(weights='DEFAULT').state_dict(), 'weights.pth')`) "
+                "or an open_clip encoder such as 'open_clip:RN50-quickgelu:/path/rn50-openai.pt'",
+                RandomEncoderWarning,
+                stacklevel=3,
+            )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_INIT_SEED)
                 model = torchvision.models.get_model(spec.name, weights=None)

@@ -21,6 +21,7 @@ import copy
 import itertools
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -97,6 +98,51 @@ def set_encoder(protection: Protection, encoder: Any) -> None:
         _ENCODERS[(protection.id, "*")] = encoder
 
 
+def use_encoder(protection: Protection, spec: str, device: torch.device | str = "cpu") -> Protection:
+    """``protection`` with its surrogate encoder's weights found where ``spec`` says (moved, another machine).
+
+    Args:
+        spec: an encoder spec string (`ue_datasets.encoders.parse_encoder`, as ``fit clusters --encoder``)
+            naming the weights the protection was fitted with; the preprocessing recorded at fit time is
+            kept whatever the spec's defaults are.
+        device: where the weights are loaded now, to check them (``"auto"``, ``"cpu"``, ``"cuda"``...).
+
+    Returns:
+        The same protection (id, tensors) recording ``spec`` as its encoder: spawned workers rebuild the
+        encoder from it, and ``save`` writes an artifact that points at the new place. This process
+        keeps the loaded encoder for it.
+
+    Raises:
+        UEDatasetsError: not a clusters protection; no weights digest recorded (a plain function was the
+            encoder: use `set_encoder`); a bad spec, unreachable weights, or weights whose digest differs
+            from the fitted ones (`ue_datasets.encoders.EncoderError`).
+    """
+    from ..encoders import EncoderSpec, load_encoder, parse_encoder
+    from .core import resolve_device
+
+    if protection.method != "clusters":
+        raise UEDatasetsError(f"an encoder is only used by clusters protections; this one is {protection.method!r}")
+    recorded = EncoderSpec.from_json(protection.params["encoder"])
+    if recorded.weights_digest is None:
+        raise UEDatasetsError(
+            f"this protection records no weights digest for its encoder ({recorded.name}), so other weights "
+            "cannot be checked: load the encoder and call ue_datasets.apply.clusters.set_encoder(protection, encoder)"
+        )
+    new = parse_encoder(spec)
+    pointed = replace(recorded, kind=new.kind, name=new.name, weights=new.weights, model_config=new.model_config)
+    device = resolve_device(device)
+    if device.type == "cuda" and device.index is None:  # as images' devices name it, for the cache below
+        device = torch.device("cuda", torch.cuda.current_device())
+    encoder = load_encoder(pointed, device)  # refuses weights whose digest differs from the recorded one
+    moved = Protection(protection.method, {**protection.params, "encoder": encoder.spec.to_json()},
+                       protection.tensors, protection.id)
+    with _LOCK:
+        for key in [k for k in _ENCODERS if k[0] == protection.id]:
+            del _ENCODERS[key]
+        _ENCODERS[(protection.id, str(device))] = encoder
+    return moved
+
+
 def _load(protection: Protection, device: torch.device) -> Any:
     from ..encoders import EncoderError, EncoderSpec, load_encoder
 
@@ -115,8 +161,8 @@ def _load(protection: Protection, device: torch.device) -> Any:
     except EncoderError as e:
         raise UEDatasetsError(
             f"new images need the protection's surrogate encoder to find their cluster, and it cannot be loaded: {e}. "
-            "Make the weights reachable where the artifact says, or load them and call "
-            "ue_datasets.apply.clusters.set_encoder(protection, encoder); fitted samples need no encoder"
+            "Make the weights reachable where the artifact says, or point at them: `ue-datasets protect --encoder "
+            "SPEC` (ue_datasets.apply.clusters.use_encoder(protection, spec)); fitted samples need no encoder"
         ) from None
 
 

@@ -14,6 +14,7 @@ given, else the row index within the file. Files are written and resumed as webd
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..artifact import Protection
+from ..artifact import Protection, as_protection
 from ..errors import SampleError, SourceError, UEDatasetsError
 from .core import needs_labels
 from .encoded import Item, batched, protect_encoded_stream, refuse_hidden_image
@@ -189,7 +190,7 @@ def protect_parquet_file(
 
 
 def protect_parquet(
-    protection: Protection,
+    protection: Protection | str | os.PathLike,
     inputs: str | Sequence[str],
     output_dir: str,
     options: ShardOptions = ShardOptions(label_field="label", image_field="image"),
@@ -199,10 +200,10 @@ def protect_parquet(
 ) -> list[dict[str, Any]]:
     """Rewrite parquet files into ``output_dir`` (same names), resuming finished ones.
 
-    ``inputs`` is a list of file URLs, or one string as ``ue-datasets protect --input`` takes it (a
-    brace pattern, glob or folder).
+    ``protection`` is a `Protection` or its artifact directory; ``inputs`` a list of file URLs, or one
+    string as ``ue-datasets protect --input`` takes it (a brace pattern, glob or folder).
     """
     from .sources import input_files
 
     urls, patterns = input_files(inputs, "parquet")
-    return run(protect_parquet_file, protection, urls, output_dir, options, workers, overwrite, progress, patterns)
+    return run(protect_parquet_file, as_protection(protection), urls, output_dir, options, workers, overwrite, progress, patterns)

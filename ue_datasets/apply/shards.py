@@ -25,6 +25,7 @@ import torch
 
 from ..artifact import Protection
 from ..errors import SourceError, UEDatasetsError
+from ..progress import progress_bar
 from ..version import __version__
 from .commit import (
     OutputBusy, OutputLock, checks_out, discard, final_url, output_error, partial_url, read_json, remove_partials,
@@ -36,6 +37,8 @@ from .encoded import field_names
 from .locations import check_output, check_output_name
 
 ON_ERROR = ("fail", "skip")
+#: Images per call of the tensor core in the rewriters.
+DEFAULT_BATCH_SIZE = 64
 #: Seconds between looks at files another run is writing.
 POLL_SECONDS = 0.5
 
@@ -64,7 +67,7 @@ class ShardOptions:
     image_field: str | None = None
     key_field: str | None = None
     keep_fields: tuple[str, ...] = ()
-    batch_size: int = 64
+    batch_size: int = DEFAULT_BATCH_SIZE
     device: str = "auto"
     on_error: str = "fail"
     png_level: int = PNG_LEVEL
@@ -316,8 +319,6 @@ def run(
         UEDatasetsError: an output aliases an input, is not this package's, or was completed with
             another protection (unless ``overwrite``).
     """
-    from tqdm.auto import tqdm
-
     pairs = plan(inputs, output_dir, patterns)
     fs, out_path = fsspec.core.url_to_fs(output_dir)
     if fs.exists(out_path) and not fs.isdir(out_path):
@@ -330,7 +331,7 @@ def run(
         raise output_error(output_dir, e) from None
     results: dict[int, dict[str, Any]] = {}
     pending = list(range(len(pairs)))
-    bar = tqdm(total=len(pairs), unit="file", desc="protect", disable=not progress)
+    bar = progress_bar(total=len(pairs), unit="file", desc="protect", disable=not progress)
     told = False
     try:
         while pending:
@@ -346,7 +347,7 @@ def run(
                 bar.update(1)
 
             if workers <= 1 or len(pending) <= 1:
-                with tqdm(unit="img", desc="samples", disable=not progress, leave=False) as samples, \
+                with progress_bar(unit="img", desc="samples", disable=not progress, leave=False) as samples, \
                         _core_threads(options):
                     for i in pending:
                         try:

@@ -18,6 +18,7 @@ import errno
 import posixpath
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,8 +65,34 @@ def _kind_of(url: str) -> str | None:
     return None
 
 
-def resolve(src: str) -> Source:
-    """Expand braces and globs and tell the kind of ``src`` (see the module docstring)."""
+def resolve(src: str | Sequence[str]) -> Source:
+    """Expand braces and globs and tell the kind of ``src`` (see the module docstring).
+
+    ``src`` may also be several such inputs (``--input a/*.tar b/*.tar``, or the files an unquoted
+    shell glob expanded to): they must all be shards or all parquet files; a dataset directory is
+    given alone.
+    """
+    if isinstance(src, str):
+        return _resolve_one(src)
+    inputs = list(src)
+    if not inputs:
+        raise UEDatasetsError("no input given")
+    if len(inputs) == 1:
+        return _resolve_one(inputs[0])
+    sources = [_resolve_one(s) for s in inputs]
+    if any(s.kind == "hf" for s in sources):
+        hf = next(i for i, s in zip(inputs, sources) if s.kind == "hf")
+        raise UEDatasetsError(f"{hf}: a save_to_disk dataset is protected alone, not with other inputs")
+    if len({s.kind for s in sources}) > 1:
+        raise UEDatasetsError(f"{' '.join(inputs)}: mixes shards and parquet files; protect them separately")
+    urls = [u for s in sources for u in s.urls]
+    twice = [u for u, n in Counter(urls).items() if n > 1]
+    if twice:
+        raise UEDatasetsError(f"{twice[0]}: given twice (the inputs overlap); name each file once")
+    return Source(sources[0].kind, urls, [p for s in sources for p in s.patterns])
+
+
+def _resolve_one(src: str) -> Source:
     if src.startswith("pipe:"):
         raise UEDatasetsError(f"{src}: pipe: URLs run shell commands and are not run; give a path or an fsspec URL")
     urls: list[str] = []
@@ -284,15 +311,16 @@ def _write_dataset(protection: Protection, src: str, dst: str, partial: str, nam
 
 def protect_source(
     protection: Protection,
-    src: str,
+    src: str | Sequence[str] | Source,
     dst: str,
     options: ShardOptions,
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
 ) -> tuple[Source, list[dict[str, Any]]]:
-    """Protect ``src`` into ``dst`` (same form); returns the resolved source and per-file stats."""
-    source = resolve(src)
+    """Protect ``src`` (as `resolve` takes it, or resolved) into ``dst`` (same form); returns the
+    resolved source and per-file stats."""
+    source = src if isinstance(src, Source) else resolve(src)
     if source.kind == "hf":
         return source, [_protect_hf(protection, source.urls[0], dst, options, overwrite, progress)]
     from .shards import run

@@ -21,6 +21,7 @@ commit protocol of `ue_datasets.apply.commit`.
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import tarfile
 import warnings
@@ -29,7 +30,7 @@ from typing import Any
 
 import fsspec
 
-from ..artifact import Protection
+from ..artifact import Protection, as_protection
 from ..errors import SampleError, SourceError, UEDatasetsError
 from .core import needs_labels
 from .encoded import Item, batched, protect_encoded_stream
@@ -298,19 +299,29 @@ def protect_samples(
             yield {names.get(k, k): out.get(k, v) for k, v in sample.items()}  # type: ignore[union-attr]
 
 
-def protect_stage(protection: Protection, options: ShardOptions = ShardOptions(), **kwargs: Any):
+def protect_stage(protection: Protection | str | os.PathLike, options: ShardOptions = ShardOptions(), **kwargs: Any):
     """A webdataset pipeline stage: ``iterator of raw samples -> iterator of protected samples``.
 
-    Place it before ``.decode()``::
+    Place it before ``.decode()``:
 
-        ds = wds.WebDataset(urls, shardshuffle=False).compose(protect_stage(protection))
-        ds = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(),
-                              protect_stage(protection, label_field="cls"), wds.decode("torchrgb8"))
+    >>> import webdataset as wds
+    >>> from ue_datasets import fit
+    >>> protection = fit("cuda", num_classes=10, key=123456789)
+    >>> urls = "shards/train-{000000..000003}.tar"
+    >>> ds = wds.WebDataset(urls, shardshuffle=False).compose(protect_stage(protection)).decode("torchrgb8")
+    >>> image, label = next(iter(ds.to_tuple("png", "cls")))
+    >>> image.dtype, image.shape, label
+    (torch.uint8, torch.Size([3, 28, 28]), 0)
+    >>> ds = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(),
+    ...                       protect_stage(protection, label_field="cls"), wds.decode("torchrgb8"))
+    >>> sum(1 for _ in ds)
+    20
 
-    Keyword arguments override fields of ``options`` (``label_field="label"``, ``device="cuda"``...).
-    Skipped samples (``on_error="skip"``) are logged as warnings.
+    ``protection`` is a `Protection` or its artifact directory. Keyword arguments override fields of
+    ``options`` (``label_field="label"``, ``device="cuda"``...). Skipped samples (``on_error="skip"``)
+    are logged as warnings.
     """
-    options = options.replace(**kwargs)
+    protection, options = as_protection(protection), options.replace(**kwargs)
 
     def stage(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from protect_samples(protection, src, options, on_skip=lambda e: warnings.warn(f"skipped {e}"))
@@ -371,7 +382,7 @@ def protect_shard(
 
 
 def protect_shards(
-    protection: Protection,
+    protection: Protection | str | os.PathLike,
     inputs: str | Sequence[str],
     output_dir: str,
     options: ShardOptions = ShardOptions(),
@@ -382,7 +393,7 @@ def protect_shards(
     """Rewrite webdataset shards into ``output_dir``, one output per input, resuming finished ones.
 
     Args:
-        protection: a fitted `Protection`.
+        protection: a fitted `Protection` or its artifact directory.
         inputs: shard URLs (local paths or fsspec URLs such as ``memory://``; ``pipe:`` is not run),
             or one string as ``ue-datasets protect --input`` takes it (a brace pattern, glob or folder).
         output_dir: directory URL of the output shards (same names as the inputs).
@@ -397,4 +408,4 @@ def protect_shards(
     from .sources import input_files
 
     urls, patterns = input_files(inputs, "wds")
-    return run(protect_shard, protection, urls, output_dir, options, workers, overwrite, progress, patterns)
+    return run(protect_shard, as_protection(protection), urls, output_dir, options, workers, overwrite, progress, patterns)

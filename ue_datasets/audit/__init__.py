@@ -2,7 +2,9 @@
 
 `run_audit` (``ue-datasets audit``) trains a target model on the protected training set and, as the
 baseline, on the clean one, evaluates on the clean test set after every epoch, and reports peak and
-final accuracy per defense, with imperceptibility metrics and an image grid.
+final accuracy per defense, with imperceptibility metrics and an image grid. It prints a cost estimate
+per setting before training, and warns (`checks`) when the clean baseline is too weak or too short to
+judge the protection by.
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _finite(obj: Any) -> Any:
@@ -54,11 +57,29 @@ def imperceptibility_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def warnings_block(warnings: list[str]) -> list[str]:
+    """The report's warnings as Markdown lines for the top of ``report.md``; none when there are none."""
+    if not warnings:
+        return []
+    return ["**Warning: the numbers below may mislead.**", "", *(f"- {w}" for w in warnings), ""]
+
+
+def cost_table_md(cost: dict[str, Any]) -> str:
+    """The cost estimated before training next to the measured seconds, per setting."""
+    total = sum(s["seconds"] for s in cost["settings"]) or 1.0
+    lines = ["| setting | estimated plain epochs | estimated share | measured s | measured share |", "|---|---|---|---|---|"]
+    for s in cost["settings"]:
+        lines.append(f"| {s['setting']} | {s['estimated_units']:.1f} | {100 * s['estimated_share']:.0f} % | "
+                     f"{s['seconds']:.1f} | {100 * s['seconds'] / total:.0f} % |")
+    return "\n".join(lines)
+
+
 def write_markdown(report: dict[str, Any], path: Path) -> Path:
     cfg = report["config"]
     parts = [
         "# ue-datasets audit",
         "",
+        *warnings_block(report["warnings"]),
         f"- protected: `{report['inputs']['protected']}` ({report['sizes']['protected']} images)",
         f"- clean: `{report['inputs']['clean']}` ({report['sizes']['clean']} images)",
         f"- test: `{report['inputs']['test']}` ({report['sizes']['test']} images, clean)",
@@ -82,6 +103,12 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
         "",
         "Defenses: " + "; ".join(f"`{d['name']}`: {d['description']}" for d in report["defenses"]),
         "",
+        "## Cost",
+        "",
+        f"Estimated before training in plain epochs ({report['cost']['unit']}), next to the measured time.",
+        "",
+        cost_table_md(report["cost"]),
+        "",
     ]
     path.write_text("\n".join(parts))
     return path
@@ -92,29 +119,57 @@ def write_json(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
-    """Clean test accuracy per epoch, one colour per defense; solid clean-trained, dashed protected."""
+#: One marker per defense, cycled; clean-trained curves draw them hollow.
+_MARKERS = "osD^vPX*<>"
+#: Total sideways spread (in epochs) of the defenses' points in `accuracy_figure`.
+_DODGE = 0.3
+
+
+def accuracy_figure(report: dict[str, Any]) -> Figure:
+    """Clean test accuracy per epoch (a matplotlib ``Figure``): one colour and marker per defense,
+    protected-trained solid with filled markers, clean-trained dashed with hollow ones. So that equal
+    curves (``blur:0.1`` often matches ``none``) cannot hide each other, each defense's points are
+    shifted sideways by up to `_DODGE` / 2 epoch and curves are drawn thickest first. Epochs are integer
+    ticks; the legend sits outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
     defenses = list(dict.fromkeys(r["defense"] for r in report["results"]))
-    for r in report["results"]:
-        colour = colours(defenses.index(r["defense"]) % 10)
-        style = "-" if r["training_set"] == "clean" else "--"
-        epochs = range(1, len(r["test_accuracy"]) + 1)
-        ax.plot(epochs, [100 * a for a in r["test_accuracy"]], style, color=colour, marker="o", markersize=3,
+    colours = plt.get_cmap("tab10" if len(defenses) <= 10 else "tab20")
+    n = len(report["results"])
+    for i, r in enumerate(report["results"]):
+        k = defenses.index(r["defense"])
+        colour = colours(k % colours.N)
+        clean = r["training_set"] == "clean"
+        shrink = i / max(1, n - 1)  # 0 for the first curve drawn, 1 for the last
+        shift = _DODGE * (k / (len(defenses) - 1) - 0.5) if len(defenses) > 1 else 0.0
+        epochs = [e + shift for e in range(1, len(r["test_accuracy"]) + 1)]
+        ax.plot(epochs, [100 * a for a in r["test_accuracy"]], "--" if clean else "-", color=colour,
+                linewidth=3.0 - 1.8 * shrink, marker=_MARKERS[k % len(_MARKERS)], markersize=10 - 5 * shrink,
+                markerfacecolor="white" if clean else colour, markeredgewidth=1.2,
                 label=f"{r['defense']} / {r['training_set']}")
-    ax.set_xlabel("epoch")
+    last = max((len(r["test_accuracy"]) for r in report["results"]), default=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(1 - _DODGE, last + _DODGE)
+    ax.set_xlabel("epoch" if len(defenses) == 1 else "epoch (each defense shifted slightly sideways)")
     ax.set_ylabel("clean test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.set_title("trained on clean (solid) vs protected (dashed) data")
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.set_title("trained on protected (solid, filled) vs clean (dashed, hollow) data")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
+    return fig
+
+
+def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
+    """Save `accuracy_figure` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(report)
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import json
 import posixpath
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import fsspec
 
+from ..apply.commit import stats_url
 from ..apply.core import resolve_device
 from ..apply.sources import HF_STATS, resolve
-from ..apply.commit import stats_url
 from ..errors import UEDatasetsError
 from ..version import __version__
+from .checks import audit_warnings
+from .cost import Forecast, SettingCost, classifier_cost, cost_table, probe_cost
 from .data import LabelledImages, align, load_labelled
-from .defenses import parse_defenses
+from .defenses import Defense, parse_defenses
 from .metrics import difference_grid, imperceptibility
 from .relabel import parse_relabel
 from .report import plot_accuracy, write_json, write_markdown
@@ -98,13 +101,18 @@ def run_audit(
     output: str | Path,
     config: AuditConfig = AuditConfig(),
     progress: bool = True,
+    stream: TextIO | None = None,
 ) -> dict[str, Any]:
     """Train on ``protected`` (and ``clean``) under each defense, test on clean ``test``; write the report.
 
-    Writes ``report.json``, ``report.md``, ``accuracy.png`` and ``grid.png`` into ``output``.
+    Writes ``report.json``, ``report.md``, ``accuracy.png`` and ``grid.png`` (with a clean set) into
+    ``output``. Before training, prints a cost estimate per setting to ``stream`` (default
+    ``sys.stderr``), then after the first epoch an estimate of the total seconds; at the end, the
+    report's warnings (`ue_datasets.audit.checks`).
 
     Returns:
-        The report (as in ``report.json``).
+        The report (as in ``report.json``): ``warnings`` (lines), ``cost`` (estimate and measured
+        seconds per setting) and ``files`` (file name -> path written) among the rest.
     """
     start = time.perf_counter()
     out = Path(output)
@@ -143,25 +151,58 @@ def run_audit(
 
     training_sets = [("clean", sets.clean)] if (config.baseline and sets.clean is not None) else []
     training_sets.append(("protected", sets.protected))
-    for d in defenses:
-        for name, data in training_sets:
-            x = data.images if d.apply is None else d.apply(data.images, config.seed)
-            adversarial = {} if d.adversarial_eps is None else {
-                "adversarial_eps": d.adversarial_eps, "pgd_steps": d.pgd_steps, "pgd_step": d.pgd_step}
-            cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                              augment=d.augment, device=device, **adversarial)
-            result = train_classifier(config.model, x, relabelled(data.labels), sets.test.images, test_y, n_out, cfg,
-                                      progress=f"{d.name} / {name}" if progress else None)
-            report["results"].append({"defense": d.name, "training_set": name, **asdict(result)})
+    plan: list[tuple[Defense | None, str, LabelledImages]] = [(d, name, data) for d in defenses for name, data in training_sets]
     if config.probe:
-        for name, data in training_sets:
-            cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                              device=device)
+        plan += [(None, name, data) for name, data in training_sets]
+    costs = _costs(plan, config.epochs, len(sets.test))
+    stream = stream or sys.stderr
+    print("ue-datasets: " + cost_table(costs), file=stream, flush=True)
+    forecast = Forecast(costs, stream)
+    for i, (d, name, data) in enumerate(plan):
+        cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+                          device=device, **({} if d is None else _training(d)))
+        if d is None:
             result = linear_probe_ssl(data.images, relabelled(data.labels), sets.test.images, test_y, n_out, cfg,
                                       progress=f"ssl-probe / {name}" if progress else None)
-            report["results"].append({"defense": "ssl-probe", "training_set": name, **asdict(result)})
+        else:
+            x = data.images if d.apply is None else d.apply(data.images, config.seed)
+            result = train_classifier(config.model, x, relabelled(data.labels), sets.test.images, test_y, n_out, cfg,
+                                      progress=f"{d.name} / {name}" if progress else None,
+                                      on_epoch=forecast if i == 0 else None)
+        report["results"].append({"defense": "ssl-probe" if d is None else d.name, "training_set": name, **asdict(result)})
+    report["cost"] = _cost_report(costs, report["results"], forecast.seconds)
+    report["warnings"] = audit_warnings(report)
     report["seconds"] = round(time.perf_counter() - start, 2)
-    write_json(report, out / "report.json")
-    write_markdown(report, out / "report.md")
-    plot_accuracy(report, out / "accuracy.png")
+    files = {"report.json": out / "report.json", "report.md": out / "report.md", "accuracy.png": out / "accuracy.png"}
+    if sets.clean is not None:
+        files["grid.png"] = out / "grid.png"
+    report["files"] = {k: str(v) for k, v in files.items()}
+    write_json(report, files["report.json"])
+    write_markdown(report, files["report.md"])
+    plot_accuracy(report, files["accuracy.png"])
+    for warning in report["warnings"]:
+        print(f"ue-datasets: warning: {warning}", file=stream)
     return report
+
+
+def _training(d: Defense) -> dict[str, Any]:
+    """The `TrainConfig` fields a defense sets (augmentation, adversarial training)."""
+    if d.adversarial_eps is None:
+        return {"augment": d.augment}
+    return {"augment": d.augment, "adversarial_eps": d.adversarial_eps, "pgd_steps": d.pgd_steps, "pgd_step": d.pgd_step}
+
+
+def _costs(plan: list[tuple[Defense | None, str, LabelledImages]], epochs: int, n_test: int) -> list[SettingCost]:
+    return [probe_cost(name, epochs, len(data), n_test) if d is None else classifier_cost(d, name, epochs, len(data), n_test)
+            for d, name, data in plan]
+
+
+def _cost_report(costs: list[SettingCost], results: list[dict[str, Any]], estimated_seconds: float | None) -> dict[str, Any]:
+    """``report["cost"]``: the estimate made before training next to each run's measured seconds."""
+    total = sum(c.units for c in costs)
+    return {
+        "unit": "plain epoch: one forward and backward pass of the model over the training set",
+        "estimated_seconds": None if estimated_seconds is None else round(estimated_seconds, 2),
+        "settings": [{"setting": c.setting, "estimated_units": round(c.units, 3), "estimated_share": round(c.units / total, 4),
+                      "seconds": r["seconds"]} for c, r in zip(costs, results)],
+    }

@@ -25,19 +25,22 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..errors import UEDatasetsError
+from ..progress import progress_bar
 from .defenses import augment_pad, random_crop_flip
 from .models import SmallCNN, build_model
 
 #: Offset between the initialisation seed and the seed of the data generator (shuffle, augmentation).
 _DATA_SEED_OFFSET = 0x5EED
+#: SimCLR pre-training epochs of `linear_probe_ssl` (the audit's ``--probe``).
+SSL_EPOCHS = 10
 
 
 @dataclass(frozen=True)
@@ -292,8 +295,9 @@ def _result(test_acc: list[float], train_acc: list[float], train_loss: list[floa
 
 
 def _fit(model: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, config: TrainConfig,
-         progress: str | None, started: float) -> TrainResult:
-    """The loop behind `train_model`, without the seeding and input checks."""
+         progress: str | None, started: float, on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
+    """The loop behind `train_model`, without the seeding and input checks; ``on_epoch(epoch, seconds)``
+    is called after each epoch (training and evaluation) with its wall-clock time."""
     device = torch.device(config.device)
     model.to(device).train()
     if train_x.ndim == 4:
@@ -309,8 +313,9 @@ def _fit(model: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Tensor, tes
     train_acc: list[float] = []
     train_loss: list[float] = []
     for epoch in range(1, config.epochs + 1):
+        epoch_started = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(_batches(n, config.batch_size, generator), desc=f"{progress} {epoch}/{config.epochs}",
+        bar = progress_bar(_batches(n, config.batch_size, generator), desc=f"{progress} {epoch}/{config.epochs}",
                    leave=False, disable=progress is None, unit="batch")
         for idx in bar:
             xb = _to_float(train_x[idx].to(device, non_blocking=True))
@@ -339,6 +344,8 @@ def _fit(model: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Tensor, tes
         train_loss.append(loss_sum / seen)
         train_acc.append(correct / seen)
         test_acc.append(evaluate(model, test_x, test_y, device, 2 * config.batch_size))
+        if on_epoch is not None:
+            on_epoch(epoch, time.perf_counter() - epoch_started)
     model.eval()
     return _result(test_acc, train_acc, train_loss, time.perf_counter() - started)
 
@@ -362,7 +369,8 @@ def train_model(model: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Tens
 
 
 def train_classifier(model_name: str, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int,
-                     config: TrainConfig, progress: str | None = None) -> TrainResult:
+                     config: TrainConfig, progress: str | None = None,
+                     on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train ``model_name`` from scratch on ``train_x`` and report its clean test accuracy per epoch.
 
     SGD (``lr``, ``momentum``, ``weight_decay``) with a cosine learning rate over all iterations,
@@ -379,7 +387,9 @@ def train_classifier(model_name: str, train_x: Tensor, train_y: Tensor, test_x: 
         test_y: int64 ``(M,)`` labels.
         num_classes: number of classes (>= 2).
         config: the recipe (`TrainConfig`).
-        progress: description for a tqdm bar per epoch; None shows no bar.
+        progress: description for a progress bar per epoch; None shows no bar.
+        on_epoch: called as ``on_epoch(epoch, seconds)`` (1-based epoch, its wall-clock time) after
+            each epoch's training and evaluation.
 
     Returns:
         `TrainResult` with per-epoch accuracies, peak, peak epoch and final accuracy.
@@ -389,7 +399,7 @@ def train_classifier(model_name: str, train_x: Tensor, train_y: Tensor, test_x: 
     _, c, h, w = train_x.shape
     with _seeded(config):
         model = build_model(model_name, num_classes, c, max(h, w))
-        return _fit(model, train_x, train_y, test_x, test_y, config, progress, started)
+        return _fit(model, train_x, train_y, test_x, test_y, config, progress, started, on_epoch)
 
 
 # --------------------------------------------------------------------------- SimCLR + linear probe
@@ -454,7 +464,7 @@ def _features(encoder: nn.Module, x: Tensor, device: torch.device, batch_size: i
 
 
 def linear_probe_ssl(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int, config: TrainConfig,
-                     ssl_epochs: int = 10, progress: str | None = None, *, ssl_batch_size: int = 256, ssl_lr: float = 1e-3,
+                     ssl_epochs: int = SSL_EPOCHS, progress: str | None = None, *, ssl_batch_size: int = 256, ssl_lr: float = 1e-3,
                      temperature: float = 0.5, projection_dim: int = 64) -> TrainResult:
     """The label-agnostic attacker's unsupervised route: SimCLR on the protected images, linear probe.
 
@@ -494,7 +504,7 @@ def linear_probe_ssl(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: T
         pretrain_loss: list[float] = []
         for epoch in range(1, ssl_epochs + 1):
             loss_sum, seen = 0.0, 0
-            bar = tqdm(_batches(n, ssl_batch_size, generator), desc=f"{progress} SimCLR {epoch}/{ssl_epochs}",
+            bar = progress_bar(_batches(n, ssl_batch_size, generator), desc=f"{progress} SimCLR {epoch}/{ssl_epochs}",
                        leave=False, disable=progress is None, unit="batch")
             for idx in bar:
                 xb = _to_float(train_x[idx].to(device, non_blocking=True))

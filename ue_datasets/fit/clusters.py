@@ -26,6 +26,12 @@ code, whose generators all train on the whole set) or ``"members"`` (only cluste
 reading of the paper's figure). ``"all"`` is the default, to match the code that produced the
 paper's numbers.
 
+Cost: `estimate_cost`. With ``progress=True`` the fit prints its plan to stderr before the features
+stage (passes, and the images when the source tells its size: parquet, ``save_to_disk``, or
+``limit``), and, after timing the first optimisation steps, how long the perturbation stage will take,
+with advice (``--mode fast``, ``--limit``, ``--epochs``) when that is over `cost.SLOW_SECONDS`. Quiet fits
+(``progress=False``) print only that advice, and only when the stage is that slow.
+
 Deviations from the reference, on purpose: features use the encoder's own preprocessing (open_clip:
 its config, bicubic shorter-side resize and center crop; the reference resizes to 256 and crops 224,
 bilinear); k-means runs once from greedy k-means++ (``n_init=1``; the reference's scikit-learn of the
@@ -52,24 +58,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..apply.clusters import encode_keys
 from ..apply.core import resolve_device
 from ..artifact import Protection
 from ..errors import UEDatasetsError
+from ..progress import progress_bar
+from .cost import MODES, StepTimer, estimate_cost, say, source_size
 from .features import FeatureSet, extract_features, iter_features
 from .generator import ResnetGenerator
 from .kmeans import kmeans, minibatch_kmeans
 
-MODES = ("fast", "faithful")
 KMEANS = ("full", "minibatch")
 CHECKPOINT = "deltas-*.safetensors"
 CLUSTER_DATA = ("all", "members")
 DEFAULT_EPOCHS = {"faithful": 50, "fast": 10}
 DEFAULT_LR = {"faithful": 1e-4, "fast": 0.1}
-
-
 def parse_eps(value: str | float) -> float:
     """``"16/255"``, ``"0.0627"`` or a float -> a float in (0, 1]."""
     if isinstance(value, str):
@@ -118,12 +122,14 @@ def _train_images(data: FeatureSet, assignments: torch.Tensor, k: int | None) ->
 
 def _faithful(encoder, data: FeatureSet, centers: torch.Tensor, assignments: torch.Tensor, *, eps: float,
               epochs: int, lr: float, batch_size: int, cluster_data: str, seed: int, device: torch.device,
-              checkpoint: Path, settings: dict[str, Any], progress: bool) -> torch.Tensor:
+              checkpoint: Path, settings: dict[str, Any], progress: bool, timer: StepTimer) -> torch.Tensor:
     """One generator per cluster (see the module docstring). Resumes cluster by cluster."""
     K, C, R = centers.shape[0], data.images.shape[1], data.images.shape[-1]
     deltas = _load_checkpoint(checkpoint, settings)
     done = int(deltas.pop("done")) if "done" in deltas else 0
     out = deltas.get("deltas", torch.zeros(K, C, R, R))
+    sizes = [len(data)] * K if cluster_data == "all" else torch.bincount(assignments, minlength=K).tolist()
+    timer.begin(sum(epochs * math.ceil(sizes[k] / batch_size) for k in range(done, K)))
     for k in range(done, K):
         g = torch.Generator().manual_seed(seed * 1000 + k)
         with torch.random.fork_rng(devices=[]):
@@ -137,7 +143,7 @@ def _faithful(encoder, data: FeatureSet, centers: torch.Tensor, assignments: tor
         steps = epochs * math.ceil(len(images) / batch_size)
         opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=1e-6)
-        bar = tqdm(total=steps, desc=f"generator {k + 1}/{K}", disable=not progress)
+        bar = progress_bar(total=steps, desc=f"generator {k + 1}/{K}", disable=not progress)
         for _ in range(epochs):
             for i in range(0, len(images), batch_size):
                 x = _augment(images[i : i + batch_size].to(device).float().div(255), g)
@@ -147,6 +153,7 @@ def _faithful(encoder, data: FeatureSet, centers: torch.Tensor, assignments: tor
                 loss.backward()
                 opt.step()
                 sched.step()
+                timer.tick()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3g}")
         bar.close()
@@ -158,7 +165,7 @@ def _faithful(encoder, data: FeatureSet, centers: torch.Tensor, assignments: tor
 
 def _fast(encoder, data: FeatureSet, centers: torch.Tensor, assignments: torch.Tensor, *, eps: float,
           epochs: int, lr: float, batch_size: int, cluster_data: str, seed: int, device: torch.device,
-          checkpoint: Path, settings: dict[str, Any], progress: bool) -> torch.Tensor:
+          checkpoint: Path, settings: dict[str, Any], progress: bool, timer: StepTimer) -> torch.Tensor:
     """All K deltas at once by signed gradient steps (see the module docstring). Resumes by epoch."""
     K, C, R = centers.shape[0], data.images.shape[1], data.images.shape[-1]
     g = torch.Generator().manual_seed(seed)
@@ -169,7 +176,8 @@ def _fast(encoder, data: FeatureSet, centers: torch.Tensor, assignments: torch.T
     centers = centers.to(device)
     n = len(data)
     steps = epochs * math.ceil(n / batch_size)
-    bar = tqdm(total=steps, initial=start * math.ceil(n / batch_size), desc="perturbations", disable=not progress)
+    bar = progress_bar(total=steps, initial=start * math.ceil(n / batch_size), desc="perturbations", disable=not progress)
+    timer.begin(steps - start * math.ceil(n / batch_size))
     for epoch in range(start, epochs):
         ge = torch.Generator().manual_seed(seed * 1000 + epoch + 1)
         order = torch.randperm(n, generator=ge)
@@ -184,6 +192,7 @@ def _fast(encoder, data: FeatureSet, centers: torch.Tensor, assignments: torch.T
             with torch.no_grad():
                 delta -= step * grad.sign()
                 delta.clamp_(-eps, eps)
+            timer.tick()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3g}")
         _save_checkpoint(checkpoint, {"deltas": delta.detach().cpu(), "done": torch.tensor(epoch + 1)}, settings)
@@ -247,7 +256,7 @@ def fit_clusters(
 
     Args:
         src: shards, a ``save_to_disk`` directory or parquet files (as ``ue-datasets protect``).
-        encoder: an encoder spec string (``open_clip:RN50:/path/rn50.pt``, ``local-dir:/path``,
+        encoder: an encoder spec string (``open_clip:RN50-quickgelu:/path/rn50-openai.pt``, ``local-dir:/path``,
             ``torchvision:resnet50:/path/weights.pth``), an `EncoderSpec` or a loaded `Encoder`
             (`ue_datasets.encoders.callable_encoder` wraps any callable).
         clusters: K, the number of clusters and perturbations (the reference uses 10).
@@ -268,6 +277,8 @@ def fit_clusters(
             it, and nothing else, later).
         image_field, key_field: as for ``protect``; keys must be the ones used when protecting.
         limit: fit on the first ``limit`` samples only.
+        progress: progress bars, the plan before the features stage and the stage's estimated duration
+            (stderr); without, only advice when the perturbation stage looks longer than `cost.SLOW_SECONDS`.
 
     Returns:
         A `Protection` with method ``"clusters"``: tensors ``centers`` (K, D) float32, ``deltas``
@@ -295,6 +306,10 @@ def fit_clusters(
         raise UEDatasetsError(f"resolution must be a multiple of 4 (the generator halves it twice), got {R}")
     epochs = DEFAULT_EPOCHS[mode] if epochs is None else epochs
     lr = DEFAULT_LR[mode] if lr is None else lr
+    cost = {"mode": mode, "clusters": clusters, "epochs": epochs, "batch_size": batch_size, "cluster_data": cluster_data}
+    if progress:
+        size = source_size(src)
+        say(estimate_cost(images=min(size, limit or size) if size is not None else limit, **cost).line())
     temporary = cache_dir is None
     cache = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="ue-clusters-"))
     try:
@@ -307,13 +322,20 @@ def fit_clusters(
         else:
             km = minibatch_kmeans(lambda: iter_features(cache / "features"), clusters, seed=seed, device=dev,
                                   progress=progress)
+        def report(seconds_per_step: float, steps: int) -> None:
+            estimate = estimate_cost(images=len(data), steps=steps, seconds_per_step=seconds_per_step, **cost)
+            if progress or estimate.slow:
+                say(estimate.line())
+            if estimate.slow:
+                say(estimate.advice())
+
         train = _faithful if mode == "faithful" else _fast
         settings = {"mode": mode, "cluster_data": cluster_data, "eps": eps, "epochs": epochs, "lr": lr,
                     "batch_size": batch_size, "seed": seed, "resolution": R,
                     "centers": hashlib.sha256(km.centers.float().contiguous().numpy().tobytes()).hexdigest()}
         deltas = train(enc, data, km.centers, km.assignments, eps=eps, epochs=epochs, lr=lr, batch_size=batch_size,
                        cluster_data=cluster_data, seed=seed, device=dev, checkpoint=cache / f"deltas-{mode}.safetensors",
-                       settings=settings, progress=progress)
+                       settings=settings, progress=progress, timer=StepTimer(report))
     finally:
         if temporary:
             shutil.rmtree(cache, ignore_errors=True)

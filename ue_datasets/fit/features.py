@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..apply.clusters import pixel_checksum
 from ..apply.encoded import batched, shared_pool
 from ..apply.images import image_tensor, resize_square
 from ..apply.records import Record, iter_records
 from ..errors import SampleError, UEDatasetsError
+from ..progress import progress_bar
 from ..version import __version__
 
 CACHE_FORMAT = 1
@@ -136,7 +136,7 @@ def extract_features(
             raise UEDatasetsError(f"{directory}: part {index} does not match {src} (the source changed?); "
                                   "delete the cache to start over")
     n = done * part_size
-    bar = tqdm(total=limit, initial=n, desc="features", unit="img", disable=not progress)
+    bar = progress_bar(total=limit, initial=n, desc="features", unit="img", disable=not progress)
     keys: list[str] = []
     feats: list[torch.Tensor] = []
     small: list[torch.Tensor] = []

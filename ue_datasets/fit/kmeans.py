@@ -297,7 +297,7 @@ def kmeans(
         n_init: independent seedings run one after the other; the lowest inertia wins (first on ties).
         batch_size: rows per chunk for distances; memory is ``O(N + batch_size * (K + D))`` beyond ``x``.
         device: where to compute (default: ``x``'s device); ``x`` is copied there once.
-        progress: show a tqdm bar over iterations.
+        progress: show progress over iterations.
 
     Returns:
         A `KMeansResult` on CPU. Empty clusters are re-seeded at the points farthest from their center.
@@ -317,13 +317,13 @@ def kmeans(
     x = x.to(device=device, dtype=torch.float32)
     tol_abs = float(tol) * _mean_variance(x, batch_size)  # also rejects NaN and infinity
 
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     best: KMeansResult | None = None
     for run in range(n_init):
         desc = "k-means" if n_init == 1 else f"k-means {run + 1}/{n_init}"
-        with tqdm(total=max_iter, desc=desc, unit="it", disable=not progress) as bar:
+        with progress_bar(total=max_iter, desc=desc, unit="it", disable=not progress) as bar:
             init = x[_kmeans_plusplus_indices(x, k, generator, batch_size).to(device)]
             centers, iterations = _lloyd(x, init, max_iter, tol_abs, batch_size, bar)
         labels = nearest_center(x, centers, batch_size)
@@ -378,7 +378,7 @@ def minibatch_kmeans(
         epochs: passes of mini-batch updates.
         init_size: points used for seeding (default ``max(3 * k, 10_000)``, at least ``k``; all if fewer).
         device: where to compute (default: the first chunk's device).
-        progress: show a tqdm bar over passes.
+        progress: show progress over passes.
 
     Returns:
         A `KMeansResult` on CPU; ``iterations`` is the number of update passes (``epochs``).
@@ -414,11 +414,11 @@ def minibatch_kmeans(
     centers = head[_kmeans_plusplus_indices(head, k, generator, DEFAULT_BATCH_SIZE).to(device)].to(torch.float64)
     del head
 
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     counts = torch.zeros(k, dtype=torch.int64, device=device)
     n_points = None
-    with tqdm(total=epochs + 1, desc="mini-batch k-means", unit="pass", disable=not progress) as bar:
+    with progress_bar(total=epochs + 1, desc="mini-batch k-means", unit="pass", disable=not progress) as bar:
         for _ in range(epochs):
             seen = 0
             for chunk in _stream(batches, d, device):

@@ -1,0 +1,162 @@
+"""`verify`: a protected output is checked against its artifact and its clean source before publication."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import decode_display, encode, make_dataset, make_samples, protect_cli, read_tar, write_shard
+from ue_datasets import UEDatasetsError, fit_convolution
+from ue_datasets.apply.verify import verify
+
+
+@pytest.fixture
+def out(tmp_path, shards, prot):
+    """The ``shards`` fixture protected with ``prot`` into ``tmp_path/out``; its path."""
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")) == 0
+    return tmp_path / "out"
+
+
+def _replace(shard, key, field, data):
+    """Rewrite ``shard`` with ``field`` of sample ``key`` set to ``data``."""
+    samples = read_tar(str(shard))
+    next(s for s in samples if s["__key__"] == key)[field] = data
+    write_shard(str(shard), samples)
+
+
+def test_verify_passes_on_a_fresh_output_and_checks_every_sample(tmp_path, out, prot):
+    report = verify(prot, str(out), str(tmp_path / "in"))
+    assert report.ok, report.summary()
+    assert (report.samples, report.checked, report.protected) == (15, 15, 15)
+    assert report.pixels_checked and not report.missing and "OK" in report.summary()
+    assert json.loads(json.dumps(report.to_dict()))["ok"] is True
+
+
+def test_verify_reports_a_sample_replaced_by_its_clean_image_as_unprotected(tmp_path, out, prot):
+    clean = next(s for s in read_tar(str(tmp_path / "in" / "shard-01.tar")) if s["__key__"] == "s001_00002")
+    _replace(out / "shard-01.tar", "s001_00002", "png", encode(decode_display(clean["jpg"])))
+    report = verify(prot, str(out), str(tmp_path / "in"))
+    assert not report.ok and report.checked == 15 and report.protected == 14
+    assert [(f.file, f.key) for f in report.unprotected] == [("shard-01.tar", "s001_00002")]
+    assert not report.tampered
+    assert [f.file for f in report.files] == ["shard-01.tar"]  # and its bytes no longer match its stats
+
+
+def test_verify_reports_one_altered_pixel_as_tampered(tmp_path, out, prot):
+    sample = next(s for s in read_tar(str(out / "shard-02.tar")) if s["__key__"] == "s002_00004")
+    pixels = np.asarray(decode_display(sample["png"])).copy()
+    pixels[0, 0, 0] ^= 1
+    _replace(out / "shard-02.tar", "s002_00004", "png", encode(Image.fromarray(pixels)))
+    report = verify(prot, str(out), str(tmp_path / "in"))
+    assert [(f.file, f.key) for f in report.tampered] == [("shard-02.tar", "s002_00004")]
+    assert "1 of" in report.tampered[0].reason and not report.unprotected
+    assert "tampered: 1" in report.summary() and "s002_00004" in report.summary()
+
+
+def test_verify_reports_a_sample_not_in_the_clean_source_as_foreign(tmp_path, out, prot):
+    samples = read_tar(str(out / "shard-00.tar")) + make_samples(1, seed=7, fmt="png")
+    write_shard(str(out / "shard-00.tar"), samples)
+    report = verify(prot, str(out), str(tmp_path / "in"))
+    assert [(f.file, f.key) for f in report.foreign] == [("shard-00.tar", "s007_00000")]
+    assert report.checked == 15 and report.protected == 15 and not report.ok
+
+
+def test_verify_lists_clean_samples_the_output_lacks_as_missing_only(tmp_path, out, prot):
+    write_shard(str(out / "shard-00.tar"), read_tar(str(out / "shard-00.tar"))[1:])
+    report = verify(prot, str(out), str(tmp_path / "in"))
+    assert [(f.file, f.key) for f in report.missing] == [("shard-00.tar", "s000_00000")]
+    assert not (report.unprotected or report.tampered or report.foreign)
+    assert report.files  # the rewritten shard no longer matches its stats
+
+
+def test_verify_checks_a_seeded_random_sample(tmp_path, out, prot):
+    a = verify(prot, str(out), str(tmp_path / "in"), sample=4, seed=3)
+    assert a.ok and a.checked == 4 and a.samples == 15
+
+
+def test_verify_without_clean_checks_stats_and_reports_unstated_or_changed_files(tmp_path, out, prot):
+    assert verify(prot, str(out)).ok
+    write_shard(str(out / "shard-03.tar"), make_samples(2, seed=3, fmt="png"))
+    _replace(out / "shard-01.tar", "s001_00000", "txt", b"changed\n")
+    report = verify(prot, str(out))
+    assert not report.pixels_checked and report.checked == 0 and "pixels not checked" in report.summary()
+    reasons = {f.file: f.reason for f in report.files}
+    assert "changed after protect" in reasons["shard-01.tar"] and "no stats file" in reasons["shard-03.tar"]
+
+
+def test_verify_reports_an_output_of_another_protection(tmp_path, out, other_protection):
+    report = verify(other_protection, str(out), str(tmp_path / "in"))
+    assert {f.where for f in report.files} == {"protection.id"} and len(report.files) == 3
+    assert len(report.tampered) == 15
+
+
+def test_verify_reports_paths_digest_and_leftovers_in_what_would_be_published(tmp_path, out, prot):
+    stats_file = out / "shard-00_stats.json"
+    stats = json.loads(stats_file.read_text())
+    digest = json.loads((tmp_path / "prot" / "manifest.json").read_text())["digest"]
+    stats["note"] = str(tmp_path / "in" / "shard-00.tar")
+    stats["protection"]["digest"] = digest
+    stats_file.write_text(json.dumps(stats))
+    (out / "shard-01.tar.lock").write_text("{}")
+    (out / "README.txt").write_text("made on C:\\Users\\alice\\data\nfine line\n")
+    report = verify(prot, str(out), str(tmp_path / "in"))
+    leaks = {(f.file, f.where): f.reason for f in report.leaks}
+    assert "clean source's path" in leaks[("shard-00_stats.json", "note")]
+    assert "digest" in leaks[("shard-00_stats.json", "protection.digest")]
+    assert "lock file" in leaks[("shard-01.tar.lock", "")]
+    assert "absolute local path" in leaks[("README.txt", "line 1")]
+    assert len(report.leaks) == 4 and not report.ok and not report.files and report.protected == 15
+
+
+def test_verify_reports_a_local_path_in_a_sample_field(tmp_path, out, prot):
+    _replace(out / "shard-02.tar", "s002_00001", "json", json.dumps({"src": "/home/bob/pics/1.jpg"}).encode())
+    leaks = verify(prot, str(out)).leaks
+    assert [(f.file, f.where) for f in leaks] == [("shard-02.tar", "sample 's002_00001' field 'json'")]
+
+
+def test_verify_partial_protection_accepts_unselected_samples_left_clean(tmp_path, shards):
+    half = fit_convolution(10, key=0, fraction=0.5)
+    half.save(tmp_path / "half")
+    assert protect_cli("--protection", str(tmp_path / "half"), "--input", str(tmp_path / "in"),
+                       "--output", str(tmp_path / "out")) == 0
+    report = verify(str(tmp_path / "half"), str(tmp_path / "out"), str(tmp_path / "in"))
+    assert report.ok and report.protected == 15 and 0 < report.unchanged < 15
+
+
+def test_verify_dataset_directory_and_a_path_in_its_metadata(tmp_path, dataset_dir, prot):
+    dst = tmp_path / "pub"
+    assert protect_cli("--protection", prot, "--input", str(dataset_dir), "--output", str(dst)) == 0
+    report = verify(prot, str(dst), str(dataset_dir))
+    assert report.ok, report.summary()
+    assert report.kind == "hf" and report.checked == 6 == report.protected
+    info = json.loads((dst / "dataset_info.json").read_text())
+    info["description"] = f"built from {dataset_dir}"
+    (dst / "dataset_info.json").write_text(json.dumps(info))
+    report = verify(prot, str(dst), str(dataset_dir))
+    assert [(f.file, f.where) for f in report.leaks] == [("dataset_info.json", "description")]
+    assert [f.file for f in report.files] == ["dataset_info.json"]
+
+
+def test_verify_refuses_a_clean_source_of_another_form(tmp_path, out, prot, dataset_dir):
+    with pytest.raises(UEDatasetsError, match="save_to_disk dataset"):
+        verify(prot, str(out), str(dataset_dir))
+
+
+def test_verify_parquet_output_reports_a_local_path_kept_in_a_column(tmp_path, prot):
+    import datasets
+
+    images, labels = make_dataset(4)
+    (tmp_path / "pq").mkdir()
+    datasets.Dataset.from_dict(
+        {"image": [{"bytes": encode(im), "path": None} for im in images], "label": labels,
+         "origin": ["web", "/Users/carol/shots/2.png", "web", "web"]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
+                                    "origin": datasets.Value("string")}),
+    ).to_parquet(str(tmp_path / "pq" / "a.parquet"))
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "pq"), "--output", str(tmp_path / "out")) == 0
+    report = verify(prot, str(tmp_path / "out"), str(tmp_path / "pq"))
+    assert report.kind == "parquet" and report.protected == 4 and not report.files
+    assert [(f.file, f.where) for f in report.leaks] == [("a.parquet", "row 1 column 'origin'")]
