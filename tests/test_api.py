@@ -127,7 +127,7 @@ def test_a_bad_max_skipped_fails_before_any_work(tmp_path, prot, bad):
 
 
 def test_the_cli_defaults_are_the_librarys():
-    from ue_datasets import cli
+    from ue_datasets import cli_parser as cli
     from ue_datasets.apply import protect, shards
 
     assert cli.DEFAULT_MAX_SKIPPED == protect.DEFAULT_MAX_SKIPPED

@@ -59,6 +59,7 @@ def sources(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_shortcut_drives_clean_accuracy_down_while_baseline_learns(sources, tmp_path):
     config = AuditConfig(epochs=4, batch_size=32, lr=0.05, defenses=("none", "median:3"), device="cpu")
     report = run_audit(sources["protected"], sources["clean"], sources["test"], tmp_path / "r", config, progress=False)

@@ -85,7 +85,8 @@ def test_adversarial_training_costs_steps_plus_one_plain_epochs():
 
 
 def test_the_cost_table_gives_each_settings_share():
-    table = cost_table([classifier_cost(parse_defense(d), "protected", 10, 1000, 0) for d in ("none", "augment", "at:8")])
+    table = cost_table([classifier_cost(parse_defense(d), "protected", 10, 1000, 0)
+                        for d in ("none", "augment", "at:8")])
     lines = table.splitlines()
     assert "an estimate" in lines[0]
     assert lines[1].split() == ["none", "/", "protected", "10.0", "8", "%"]
@@ -100,7 +101,8 @@ def test_the_first_epoch_time_becomes_one_estimate_for_the_whole_audit():
     forecast(1, 2.0)
     forecast(2, 50.0)
     assert forecast.seconds == pytest.approx(2.0 * 60)  # 2 s per plain epoch, 5 + 55 plain epochs
-    assert stream.getvalue().count("\n") == 1 and "about 2 min 00 s for the whole audit (an estimate" in stream.getvalue()
+    assert stream.getvalue().count("\n") == 1
+    assert "about 2 min 00 s for the whole audit (an estimate" in stream.getvalue()
 
 
 def test_accuracy_plot_has_integer_epoch_ticks_and_no_curve_hidden_under_another():

@@ -144,7 +144,7 @@ def test_console_script_runs():
 
 
 def test_the_cli_max_pixels_default_is_the_decoders():
-    from ue_datasets import cli
+    from ue_datasets import cli_parser as cli
     from ue_datasets.apply.images import DEFAULT_MAX_PIXELS
 
     assert cli.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS

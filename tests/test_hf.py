@@ -64,6 +64,12 @@ def test_protect_dataset_keeps_features_rows_and_writes_protect_batch_pixels_as_
     assert torch.equal(to_chw(out[0]["image"]), expected(protection, pngs[0], labels[0]))
 
 
+def test_protect_dataset_writes_the_same_bytes_at_the_default_and_any_other_batch_size(source, protection):
+    ds = make_ds(source)
+    by_default = raw_images(protect_dataset(ds, protection, device="cpu"))  # batch_size 1000: one batch
+    for batch_size in (1, 3):
+        assert raw_images(protect_dataset(ds, protection, batch_size=batch_size, device="cpu")) == by_default
+
 def test_dataset_pixels_equal_the_webdataset_rewriter_for_the_same_png_bytes(source, protection, tmp_path):
     pngs, labels, _ = source
     samples = make_samples(N, seed=0, fmt="png")

@@ -17,6 +17,7 @@ from conftest import encode, write_shard
 N_SHARDS = 24
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_sigkilled_run_resumes_to_identical_output(tmp_path, protection):
     protection.save(tmp_path / "prot")

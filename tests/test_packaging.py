@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from ue_datasets.demo import demo_shard
 
 
+@pytest.mark.slow
 def test_transforms_folder_installs_under_the_package_only(tmp_path):
     # Run from an empty folder so the repository root is not on sys.path.
     code = (

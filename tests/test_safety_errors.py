@@ -116,6 +116,7 @@ def test_disk_full_and_read_only_outputs_are_one_line_naming_the_output(tmp_path
 # --------------------------------------------------------------------------- importing from a clone
 
 
+@pytest.mark.slow
 def test_transforms_import_from_the_clones_root_without_the_editable_finder():
     script = (
         "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in str(getattr(f, '__module__', ''))];"

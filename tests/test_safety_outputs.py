@@ -181,6 +181,7 @@ def test_a_dataset_output_with_a_trailing_slash_keeps_its_partial_and_lock_besid
 # --------------------------------------------------------------------------- one writer per output
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_into_one_folder_give_complete_identical_shards(tmp_path, protection, prot):
     (tmp_path / "in").mkdir()
     for i in range(8):
@@ -199,6 +200,7 @@ def test_two_concurrent_runs_into_one_folder_give_complete_identical_shards(tmp_
             assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_a_file_another_process_is_writing_is_waited_for_then_taken(tmp_path, shards, protection):
     out = tmp_path / "out"
     out.mkdir()
@@ -269,6 +271,7 @@ def test_a_concurrent_run_with_another_protection_is_reported_not_hidden(tmp_pat
         shard_run.run(rival, protection, shards, str(tmp_path / "out"), ShardOptions(device="cpu"), progress=False)
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_killed_run(tmp_path, prot):
     import signal
     import uuid

@@ -8,6 +8,7 @@ named; declared sizes, bit depths and frame counts are checked before decoding; 
 from __future__ import annotations
 
 import io
+import os
 import struct
 import subprocess
 import sys
@@ -217,6 +218,7 @@ def test_double_underscore_fields_are_kept_byte_for_byte(protection, tmp_path):
 # --------------------------------------------------------------------------- datasets num_proc
 
 
+@pytest.mark.slow
 def test_datasets_num_proc_2_works_after_torch_ran_in_the_parent(tmp_path):
     script = textwrap.dedent("""
         import io, sys
@@ -238,7 +240,9 @@ def test_datasets_num_proc_2_works_after_torch_ran_in_the_parent(tmp_path):
             [r["bytes"] for r in two.cast_column("image", datasets.Image(decode=False))["image"]]
         print("ok")
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # the parent must have a thread pool for the bug to show
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                          env=env)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 

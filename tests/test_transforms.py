@@ -116,3 +116,35 @@ def test_protected_dataset_wraps_image_label_pairs(protection):
     for i in range(4):
         x, y = wrapped[i]
         assert y == labels[i] and torch.equal(x, protect_batch(protection, to_chw(images[i])[None], [y])[0])
+
+
+def test_protected_dataset_protects_a_dataloader_batch_in_one_core_call(protection, monkeypatch):
+    import ue_datasets.transforms.protect as module
+    from ue_datasets.transforms import ProtectedDataset
+
+    calls = []
+    monkeypatch.setattr(module, "protect_batch", lambda *a, **k: calls.append(1) or protect_batch(*a, **k))
+    images, labels = make_dataset(6, sizes=[(8, 8)])
+    wrapped = ProtectedDataset(list(zip(images, labels)), protection, then=v2.PILToTensor())
+    x, y = next(iter(DataLoader(wrapped, batch_size=6)))
+    assert calls == [1]
+    assert torch.equal(x, protect_batch(protection, torch.stack([to_chw(im) for im in images]), labels))
+    assert y.tolist() == labels
+
+
+def test_protected_dataset_batch_fetch_equals_sample_fetch_for_mixed_images_and_partial_protection():
+    from ue_datasets.transforms import ProtectedDataset
+
+    p = fit_convolution(10, key=3, fraction=0.5)
+    images, labels = make_dataset(9)  # three sizes
+    items = [(im if i % 3 else tv_tensors.Image(to_chw(im)), torch.tensor(y))
+             for i, (im, y) in enumerate(zip(images, labels))]
+    items.append((torch.rand(3, 8, 8), 2))  # a plain float tensor
+    wrapped = ProtectedDataset(items, p)
+    order = [9, 4, 0, 7, 1, 8, 2, 6, 3, 5]
+    for (got, got_label), want_index in zip(wrapped.__getitems__(order), order):
+        want, want_label = wrapped[want_index]
+        assert type(got) is type(want) and got_label is items[want_index][1] and want_label is got_label
+        assert torch.equal(to_chw(got), to_chw(want)) if isinstance(got, Image.Image) else torch.equal(got, want)
+    changed = [not torch.equal(to_chw(images[i]), to_chw(wrapped[i][0])) for i in range(1, 9) if i % 3]
+    assert any(changed) and not all(changed)  # the fraction keys on the sample index in both paths

@@ -160,3 +160,15 @@ def test_verify_parquet_output_reports_a_local_path_kept_in_a_column(tmp_path, p
     report = verify(prot, str(tmp_path / "out"), str(tmp_path / "pq"))
     assert report.kind == "parquet" and report.protected == 4 and not report.files
     assert [(f.file, f.where) for f in report.leaks] == [("a.parquet", "row 1 column 'origin'")]
+
+
+def test_the_verify_command_exits_0_when_ok_and_1_on_problems_writing_its_report(tmp_path, out, prot, capsys):
+    from ue_datasets.cli import main
+
+    args = ["verify", "--protection", prot, "--input", str(out), "--clean", str(tmp_path / "in"), "--no-progress",
+            "--device", "cpu"]
+    assert main(args) == 0 and "OK" in capsys.readouterr().out
+    _replace(out / "shard-01.tar", "s001_00002", "png", encode(Image.new("RGB", (8, 8))))
+    assert main([*args, "--report", str(tmp_path / "report.json")]) == 1
+    assert "s001_00002" in capsys.readouterr().out
+    assert json.loads((tmp_path / "report.json").read_text())["ok"] is False

@@ -206,6 +206,7 @@ def test_batch_size_does_not_change_the_output_bytes(protection, tmp_path):
     assert outputs[0] == outputs[1] == outputs[2]
 
 
+@pytest.mark.slow
 def test_two_worker_processes_give_the_same_bytes_as_one(shards, protection, tmp_path):
     one = protect(protection, shards, tmp_path / "w1", workers=1)
     two = protect(protection, shards, tmp_path / "w2", workers=2)

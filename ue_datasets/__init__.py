@@ -58,7 +58,7 @@ _LAZY = {
     "fit_clusters": "fit", "fit_convolution": "fit",
 }
 
-from .version import __version__  # noqa: E402
+from .version import __version__ as __version__  # noqa: E402
 
 __all__ = sorted([*_LAZY, "__version__", "fit"])
 

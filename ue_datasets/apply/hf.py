@@ -1,10 +1,16 @@
 """Hugging Face ``datasets`` adapter: a batched ``map`` function and `protect_dataset`.
 
-`ProtectMap` is the function to chain into a preprocessing pipeline::
+`ProtectMap` is the function to chain into a preprocessing pipeline:
 
-    fn = ProtectMap(protection, image_column="image", label_column="label")
-    ds = ds.map(fn, batched=True, with_indices=True, with_rank=True, features=ds.features,
-                new_fingerprint=fn.fingerprint(ds._fingerprint))
+>>> import datasets
+>>> from ue_datasets import fit
+>>> protection = fit("cuda", num_classes=10, key=123456789)
+>>> ds = datasets.load_from_disk("my_dataset_dir")
+>>> fn = ProtectMap(protection, image_column="image", label_column="label")
+>>> protected = ds.map(fn, batched=True, with_indices=True, with_rank=True, features=ds.features,
+...                    new_fingerprint=fn.fingerprint(ds._fingerprint))
+>>> protected.features["image"], protected.num_rows
+(Image(mode=None, decode=True), 8)
 
 `protect_dataset` does exactly that for a `Dataset`, `IterableDataset` (streaming) or a dict of splits.
 Images come back as new lossless PNG bytes (``{"bytes": ..., "path": None}``), so the ``Image`` feature
@@ -257,7 +263,7 @@ def protect_dataset(
     image_column: str = "image",
     label_column: str = "label",
     key_column: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = 1000,
     device: str = "auto",
     num_proc: int | None = None,
     on_error: str = "fail",
@@ -274,6 +280,11 @@ def protect_dataset(
     Keeps ``features`` (``Image``, ``ClassLabel``), uses the row index as sample key unless a key
     column is given, and sets a deterministic ``new_fingerprint`` so caches are reused exactly when
     the input, the protection, the options and the package version are the same.
+
+    ``batch_size`` rows go through each call of the map function, so through one call of the tensor
+    core and of the codec pool. The default, 1000, is ``datasets.map``'s own: on 28x28 Fashion-MNIST
+    on CPU it is about 3x faster than 64 and as fast as 4000 (``recipes/bench_adapters.py``); lower it
+    only to bound memory on large images.
 
     With ``on_error="skip"`` bad rows are dropped and, when the map runs in this process, appended
     to ``skipped`` as ``{"key", "reason"}``. Another ``Image`` column fails unless it is named in

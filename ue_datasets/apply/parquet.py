@@ -206,4 +206,5 @@ def protect_parquet(
     from .sources import input_files
 
     urls, patterns = input_files(inputs, "parquet")
-    return run(protect_parquet_file, as_protection(protection), urls, output_dir, options, workers, overwrite, progress, patterns)
+    return run(protect_parquet_file, as_protection(protection), urls, output_dir, options, workers, overwrite,
+               progress, patterns)

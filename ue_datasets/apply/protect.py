@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..artifact import Protection, load_protection
+from ..artifact import Protection, as_protection
 from ..errors import UEDatasetsError
 from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
 from .shards import DEFAULT_BATCH_SIZE, ShardOptions
@@ -132,6 +132,7 @@ def protect(
     keep_fields: str | Sequence[str] = (),
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "auto",
+    encoder: str | None = None,
     on_error: str = "fail",
     max_skipped: int | str = DEFAULT_MAX_SKIPPED,
     png_level: int = PNG_LEVEL,
@@ -153,6 +154,8 @@ def protect(
         keep_fields: fields or columns that hold images but are published unprotected (masks).
         batch_size: images per call of the tensor core.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        encoder: clusters protections only: where the surrogate encoder's weights are now, as an
+            encoder spec (`ue_datasets.apply.clusters.use_encoder`).
         on_error: ``"fail"`` stops at the first bad sample; ``"skip"`` leaves it out and records it.
         max_skipped: with ``on_error="skip"``, how many skipped samples are acceptable: a count or a
             share of the samples read (``"1%"``). Above it the outputs are still written, then
@@ -171,8 +174,11 @@ def protect(
         UEDatasetsError: bad input (naming the file and sample), an output that may not be written.
     """
     start = time.perf_counter()
-    if not isinstance(protection, Protection):
-        protection = load_protection(protection)
+    protection = as_protection(protection)
+    if encoder is not None:
+        from .clusters import use_encoder
+
+        protection = use_encoder(protection, encoder, device=device)
     skip_limit(max_skipped, 0)  # a bad value fails before any work
     source = resolve(src)
     kind = source.kind

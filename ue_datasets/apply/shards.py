@@ -38,7 +38,7 @@ from .locations import check_output, check_output_name
 
 ON_ERROR = ("fail", "skip")
 #: Images per call of the tensor core in the rewriters.
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = 256
 #: Seconds between looks at files another run is writing.
 POLL_SECONDS = 0.5
 

@@ -408,4 +408,5 @@ def protect_shards(
     from .sources import input_files
 
     urls, patterns = input_files(inputs, "wds")
-    return run(protect_shard, as_protection(protection), urls, output_dir, options, workers, overwrite, progress, patterns)
+    return run(protect_shard, as_protection(protection), urls, output_dir, options, workers, overwrite, progress,
+               patterns)

@@ -67,7 +67,8 @@ def warnings_block(warnings: list[str]) -> list[str]:
 def cost_table_md(cost: dict[str, Any]) -> str:
     """The cost estimated before training next to the measured seconds, per setting."""
     total = sum(s["seconds"] for s in cost["settings"]) or 1.0
-    lines = ["| setting | estimated plain epochs | estimated share | measured s | measured share |", "|---|---|---|---|---|"]
+    lines = ["| setting | estimated plain epochs | estimated share | measured s | measured share |",
+             "|---|---|---|---|---|"]
     for s in cost["settings"]:
         lines.append(f"| {s['setting']} | {s['estimated_units']:.1f} | {100 * s['estimated_share']:.0f} % | "
                      f"{s['seconds']:.1f} | {100 * s['seconds'] / total:.0f} % |")

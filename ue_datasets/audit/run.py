@@ -151,7 +151,8 @@ def run_audit(
 
     training_sets = [("clean", sets.clean)] if (config.baseline and sets.clean is not None) else []
     training_sets.append(("protected", sets.protected))
-    plan: list[tuple[Defense | None, str, LabelledImages]] = [(d, name, data) for d in defenses for name, data in training_sets]
+    plan: list[tuple[Defense | None, str, LabelledImages]] = [
+        (d, name, data) for d in defenses for name, data in training_sets]
     if config.probe:
         plan += [(None, name, data) for name, data in training_sets]
     costs = _costs(plan, config.epochs, len(sets.test))
@@ -169,7 +170,8 @@ def run_audit(
             result = train_classifier(config.model, x, relabelled(data.labels), sets.test.images, test_y, n_out, cfg,
                                       progress=f"{d.name} / {name}" if progress else None,
                                       on_epoch=forecast if i == 0 else None)
-        report["results"].append({"defense": "ssl-probe" if d is None else d.name, "training_set": name, **asdict(result)})
+        report["results"].append({"defense": "ssl-probe" if d is None else d.name, "training_set": name,
+                                  **asdict(result)})
     report["cost"] = _cost_report(costs, report["results"], forecast.seconds)
     report["warnings"] = audit_warnings(report)
     report["seconds"] = round(time.perf_counter() - start, 2)
@@ -189,20 +191,23 @@ def _training(d: Defense) -> dict[str, Any]:
     """The `TrainConfig` fields a defense sets (augmentation, adversarial training)."""
     if d.adversarial_eps is None:
         return {"augment": d.augment}
-    return {"augment": d.augment, "adversarial_eps": d.adversarial_eps, "pgd_steps": d.pgd_steps, "pgd_step": d.pgd_step}
+    return {"augment": d.augment, "adversarial_eps": d.adversarial_eps, "pgd_steps": d.pgd_steps,
+            "pgd_step": d.pgd_step}
 
 
 def _costs(plan: list[tuple[Defense | None, str, LabelledImages]], epochs: int, n_test: int) -> list[SettingCost]:
-    return [probe_cost(name, epochs, len(data), n_test) if d is None else classifier_cost(d, name, epochs, len(data), n_test)
-            for d, name, data in plan]
+    return [probe_cost(name, epochs, len(data), n_test) if d is None
+            else classifier_cost(d, name, epochs, len(data), n_test) for d, name, data in plan]
 
 
-def _cost_report(costs: list[SettingCost], results: list[dict[str, Any]], estimated_seconds: float | None) -> dict[str, Any]:
+def _cost_report(costs: list[SettingCost], results: list[dict[str, Any]],
+                 estimated_seconds: float | None) -> dict[str, Any]:
     """``report["cost"]``: the estimate made before training next to each run's measured seconds."""
     total = sum(c.units for c in costs)
     return {
         "unit": "plain epoch: one forward and backward pass of the model over the training set",
         "estimated_seconds": None if estimated_seconds is None else round(estimated_seconds, 2),
-        "settings": [{"setting": c.setting, "estimated_units": round(c.units, 3), "estimated_share": round(c.units / total, 4),
+        "settings": [{"setting": c.setting, "estimated_units": round(c.units, 3),
+                      "estimated_share": round(c.units / total, 4),
                       "seconds": r["seconds"]} for c, r in zip(costs, results)],
     }

@@ -176,7 +176,8 @@ def _fast(encoder, data: FeatureSet, centers: torch.Tensor, assignments: torch.T
     centers = centers.to(device)
     n = len(data)
     steps = epochs * math.ceil(n / batch_size)
-    bar = progress_bar(total=steps, initial=start * math.ceil(n / batch_size), desc="perturbations", disable=not progress)
+    bar = progress_bar(total=steps, initial=start * math.ceil(n / batch_size), desc="perturbations",
+                       disable=not progress)
     timer.begin(steps - start * math.ceil(n / batch_size))
     for epoch in range(start, epochs):
         ge = torch.Generator().manual_seed(seed * 1000 + epoch + 1)
@@ -306,7 +307,8 @@ def fit_clusters(
         raise UEDatasetsError(f"resolution must be a multiple of 4 (the generator halves it twice), got {R}")
     epochs = DEFAULT_EPOCHS[mode] if epochs is None else epochs
     lr = DEFAULT_LR[mode] if lr is None else lr
-    cost = {"mode": mode, "clusters": clusters, "epochs": epochs, "batch_size": batch_size, "cluster_data": cluster_data}
+    cost = {"mode": mode, "clusters": clusters, "epochs": epochs, "batch_size": batch_size,
+            "cluster_data": cluster_data}
     if progress:
         size = source_size(src)
         say(estimate_cost(images=min(size, limit or size) if size is not None else limit, **cost).line())

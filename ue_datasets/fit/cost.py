@@ -71,7 +71,8 @@ class CostEstimate:
             return ""
         tips = []
         if self.mode == "faithful" and self.cluster_data == "all":
-            tips.append(f"--mode fast ({self.clusters} times fewer passes, about {duration(self.seconds / self.clusters)})")
+            fast = duration(self.seconds / self.clusters)
+            tips.append(f"--mode fast ({self.clusters} times fewer passes, about {fast})")
         if self.images:
             n = max(self.clusters, int(self.images * SLOW_SECONDS / self.seconds))
             if n < self.images:

@@ -1,0 +1,284 @@
+"""The options of every ``ue-datasets`` command, and the help that teaches them.
+
+Kept free of heavy imports: ``ue-datasets --help`` (of any command) imports nothing but the standard
+library and this package's small modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .version import __version__
+
+#: Kept equal to `ue_datasets.apply.images.DEFAULT_MAX_PIXELS` (a test checks it) so that `--help`
+#: does not import the image stack.
+DEFAULT_MAX_PIXELS = 100_000_000
+#: Kept equal to `ue_datasets.apply.protect.DEFAULT_MAX_SKIPPED` and `ue_datasets.apply.shards.DEFAULT_BATCH_SIZE`.
+DEFAULT_MAX_SKIPPED = "1%"
+DEFAULT_BATCH_SIZE = 256
+
+EPILOG = """\
+The flow: `fit` computes a protection and saves it as an artifact directory (keep it secret: it can
+regenerate the protection); `protect` applies it to a dataset; `verify` checks a protected output
+before you publish it; `inspect` shows what an artifact is; `audit` measures how well it protects.
+Try `ue-datasets demo` first: it protects a small real sample shipped with the package.
+"""
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Explains the usual cause of stray arguments: a shell glob left unquoted, expanded into many files."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        import os
+
+        stray = message.partition("unrecognized arguments: ")[2].split()
+        if stray and all(os.path.exists(a) for a in stray[:3]):
+            message += (f" ({len(stray)} path(s) left over: the shell expanded an unquoted pattern into "
+                        "several files and this option takes one; quote the pattern, as in --input 'data/*.tar')")
+        super().error(message)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or action.default in (None, False, argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = _Formatter
+    parser = _Parser(
+        prog="ue-datasets",
+        description="Make image datasets unlearnable: fit a protection, then apply it to shards and datasets.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ue-datasets {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = sub.add_parser("fit", help="compute a protection and save it as an artifact directory",
+                         description="Compute a protection and save it as an artifact directory.")
+    methods = fit.add_subparsers(dest="method", required=True, metavar="METHOD")
+    cuda = methods.add_parser(
+        "cuda",
+        formatter_class=fmt,
+        help="CUDA: class-wise convolution filters from a private key (Sadasivan et al., CVPR 2023)",
+        description=(
+            "CUDA (Convolution-based Unlearnable DAtaset): every image is convolved with its class's k x k "
+            "filter (entries U(0, blur), one entry 1) and divided by its maximum. The key reproduces the "
+            "official code's filters (numpy seed). Needs labels at protect time. Not bounded in L-inf: "
+            "images get visibly blurred, more so with larger --blur and --kernel-size."
+        ),
+    )
+    cuda.add_argument("--num-classes", type=_positive, required=True, help="number of classes; labels are 0..N-1")
+    cuda.add_argument("--key", type=int, required=True, help="private integer key in [0, 2**32) (numpy seed)")
+    cuda.add_argument("--kernel-size", type=int, default=3, help="odd filter size k (paper: 3 CIFAR, 9 ImageNet-100)")
+    cuda.add_argument("--blur", type=float, default=0.3, help="p_b, bound of the filter entries (paper: 0.3 CIFAR, 0.06 ImageNet)")
+    cuda.add_argument("--universal", action="store_true", help="one filter for every class (the paper's ablation)")
+    cuda.add_argument("--grayscale", action="store_true", help="set every channel to the channel mean after filtering")
+    cuda.add_argument("--fraction", type=_fraction, default=1.0,
+                      help="share of samples protected, chosen from the key and each sample's key")
+    cuda.add_argument("--quantize", choices=("truncate", "round"), default="truncate",
+                      help="float to uint8: truncate as the official code, or round half up")
+    cuda.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    cuda.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+
+    uc = methods.add_parser(
+        "clusters",
+        formatter_class=fmt,
+        help="Unlearnable Clusters: label-agnostic cluster-wise noise with a surrogate encoder (Zhang et al., CVPR 2023)",
+        description=(
+            "Unlearnable Clusters: embed every image with a surrogate encoder, cluster the features with "
+            "k-means (no labels are read), and optimise one L-inf bounded perturbation per cluster that moves "
+            "the surrogate features of its images towards the next cluster's center. The data stays "
+            "unlearnable however an attacker labels it. Stages: features (cached in --cache, resumable), "
+            "k-means, perturbations. ENCODER: open_clip:MODEL:TAG (from the local Hugging Face cache), "
+            "open_clip:MODEL:/path/checkpoint.pt, local-dir:/path (an open_clip bundle), "
+            "torchvision:NAME:/path/weights.pth (penultimate features; without weights a random network, for tests "
+            "only). Nothing is downloaded when offline."
+        ),
+    )
+    uc.add_argument("--input", required=True, nargs="+", metavar="SRC",
+                    help="images to fit on: shards, a dataset directory or parquet files (several allowed)")
+    uc.add_argument("--encoder", required=True, metavar="SPEC", help="surrogate encoder (see above)")
+    uc.add_argument("--clusters", type=_positive, default=10, metavar="K", help="number of clusters (reference: 10)")
+    uc.add_argument("--eps", default="16/255", help="L-inf bound, a fraction such as 16/255 or a number")
+    uc.add_argument("--mode", choices=("faithful", "fast"), default="faithful",
+                    help="faithful: one ResNet generator per cluster, as the reference code; fast: all deltas "
+                         "optimised directly in the same pass (ours, K times cheaper per epoch)")
+    uc.add_argument("--cluster-data", choices=("all", "members"), default="all",
+                    help="images each delta trains on: all of them (reference code) or its cluster's members")
+    uc.add_argument("--epochs", type=_positive, default=None,
+                    help="passes over the data (per cluster when faithful); default 50 faithful, 10 fast")
+    uc.add_argument("--lr", type=float, default=None,
+                    help="Adam learning rate (faithful, 1e-4) or signed step as a fraction of eps (fast, 0.1)")
+    uc.add_argument("--batch-size", type=_positive, default=256, help="images per batch")
+    uc.add_argument("--resolution", type=_positive, default=None,
+                    help="side of the stored perturbations, a multiple of 4 (default: the encoder's input size); "
+                         "resized to each image's size with nearest-neighbour interpolation")
+    uc.add_argument("--image-size", type=_positive, default=None, help="encoder input size (overrides the spec's)")
+    uc.add_argument("--mean", default=None, help="encoder normalisation mean, 'r,g,b' (overrides the spec's)")
+    uc.add_argument("--std", default=None, help="encoder normalisation std, 'r,g,b' (overrides the spec's)")
+    uc.add_argument("--image-field", default=None, help="field/column with the image (default: auto / 'image')")
+    uc.add_argument("--key-field", default=None,
+                    help="column of stable sample keys for datasets and parquet (default: row index), as for protect")
+    uc.add_argument("--limit", type=_positive, default=None, help="fit on the first N samples only")
+    uc.add_argument("--seed", type=int, default=0, help="seed of k-means and of the perturbation training")
+    uc.add_argument("--kmeans", choices=("full", "minibatch"), default="full",
+                    help="k-means on all features at once, or mini-batch k-means streamed from the feature cache "
+                         "(for feature sets larger than memory)")
+    uc.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    uc.add_argument("--cache", default=None, metavar="DIR",
+                    help="feature cache and checkpoints (default: OUTPUT.cache); rerun to resume")
+    uc.add_argument("--keep-cache", action="store_true", help="keep the cache after a successful fit")
+    uc.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    uc.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    uc.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    protect = sub.add_parser(
+        "protect",
+        formatter_class=fmt,
+        help="apply a protection to webdataset shards, a save_to_disk dataset or parquet files",
+        description=(
+            "Apply a protection. SRC is webdataset shards (a .tar path or URL, a brace pattern such as "
+            "'data/train-{000..009}.tar', a glob or a folder), a save_to_disk dataset directory, or parquet "
+            "files; DST takes the same form (a folder of shards or parquet files with the same names, or a "
+            "dataset directory), and never the input or a place the input pattern would read back. Every "
+            "image of a sample is protected and written as lossless PNG (or the sample fails); every other "
+            "field is kept byte for byte. Each output file has one writer (NAME.lock), is written under a "
+            "partial name of its own and renamed when complete, with a NAME_stats.json (its size and sha256) "
+            "beside it; rerunning skips files that check out against their stats and redoes the rest, and a "
+            "second run into the same folder takes the files the first is not writing. Nothing that "
+            "ue-datasets did not write is replaced or deleted, with or without --overwrite."
+        ),
+    )
+    protect.add_argument("--protection", required=True, help="artifact directory made by `ue-datasets fit`")
+    protect.add_argument("--input", required=True, nargs="+", metavar="SRC",
+                         help="shards, a dataset directory or parquet files; several shard or parquet inputs may "
+                              "follow (an unquoted glob the shell expanded is fine)")
+    protect.add_argument("--output", required=True, metavar="DST", help="where to write, in the same form as SRC")
+    protect.add_argument("--label-field", default=None,
+                         help="field/column with the class id (default: 'cls' for shards, 'label' for datasets and parquet)")
+    protect.add_argument("--image-field", default=None,
+                         help="field/column with the image (default: first image extension of a shard sample; 'image')")
+    protect.add_argument("--key-field", default=None,
+                         help="column of stable sample keys for datasets and parquet (default: row index); shards use __key__")
+    protect.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    protect.add_argument("--encoder", default=None, metavar="SPEC",
+                         help="clusters artifacts only: where the surrogate encoder's weights are now (moved, another "
+                              "machine), as for `fit clusters --encoder`; they must be the fitted weights (digest "
+                              "checked), and the fitted preprocessing is kept")
+    protect.add_argument("--workers", type=_positive, default=1, help="processes, each protecting whole shards/files")
+    protect.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="images per batch of the tensor core")
+    protect.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                         help="on a bad sample: stop with an error, or leave it out and record it in the stats")
+    protect.add_argument("--max-skipped", default=DEFAULT_MAX_SKIPPED, metavar="N|P%",
+                         help="with --on-error skip: if more samples than this (a count, or a share of those read) "
+                              "are skipped, the outputs are still written but the command exits with status 1 "
+                              "and names the commonest reasons (a wrong --label-field or --num-classes, say)")
+    protect.add_argument("--png-level", type=int, choices=range(0, 10), default=1, metavar="0-9",
+                         help="PNG compression level (lossless at any level; 1 is fastest)")
+    protect.add_argument("--keep-field", action="append", default=[], metavar="FIELD",
+                         help="a field/column that holds images but is published unprotected (a segmentation "
+                              "mask, say); repeat for several. Every other image is protected or its sample fails")
+    protect.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, metavar="N",
+                         help="refuse images that declare more than N pixels (width x height), before decoding "
+                              "(Pillow itself refuses more than 2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 million)")
+    protect.add_argument("--overwrite", action="store_true",
+                         help="redo outputs ue-datasets completed earlier (also with another protection)")
+    protect.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    inspect = sub.add_parser("inspect", formatter_class=fmt, help="print an artifact's manifest (never its secret)",
+                             description="Print an artifact's manifest: method, parameters, versions, digest. "
+                                         "The secret tensors are not printed; the key is not stored.")
+    inspect.add_argument("artifact", metavar="DIR", help="artifact directory")
+    inspect.add_argument("--verify", action="store_true", help="also load the tensors and check the digest")
+
+    verify = sub.add_parser(
+        "verify", formatter_class=fmt,
+        help="check that an output about to be published is protected and leaks nothing",
+        description="Check a protected output before publishing it: every file matches its stats and was "
+                    "written with this artifact; with --clean, each sample's protection is recomputed from "
+                    "the clean image and compared pixel for pixel (unprotected, tampered and foreign samples "
+                    "are named by key); nothing in it holds a local path, the artifact's digest, artifact "
+                    "files or leftover .lock/.partial- files. Exit status: 0 ok, 1 problems found, 2 error.")
+    verify.add_argument("--protection", required=True, help="artifact directory the output was protected with")
+    verify.add_argument("--input", required=True, metavar="PROTECTED",
+                        help="the protected output: shards, dataset directory or parquet files")
+    verify.add_argument("--clean", metavar="SRC", default=None,
+                        help="the source it was protected from; without it pixels are not checked, only stats")
+    verify.add_argument("--sample", type=_positive, default=None, metavar="N",
+                        help="check N samples drawn at random (default: all)")
+    verify.add_argument("--seed", type=int, default=0, help="seed of the --sample draw")
+    verify.add_argument("--label-field", default=None,
+                        help="field/column with the class id, as given to protect (default: 'cls' / 'label')")
+    verify.add_argument("--image-field", default=None, help="field/column with the image (default: auto / 'image')")
+    verify.add_argument("--key-field", default=None, help="column of sample keys for tables (default: row index)")
+    verify.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    verify.add_argument("--report", metavar="FILE", default=None,
+                        help="also write the full report as JSON (it names your paths: keep it out of the output)")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    audit = sub.add_parser(
+        "audit",
+        formatter_class=fmt,
+        help="train models on protected and clean data and report what they learned",
+        description=(
+            "Train a target model on the protected training set and, as the baseline, on the clean one; test "
+            "on the clean test set after every epoch; report peak and final accuracy (early stopping is an "
+            "attack) under each defense an adversary would use, with imperceptibility metrics (L-inf, L2, "
+            "PSNR, SSIM between clean and protected images of the same key) and an image grid. Writes "
+            "report.json, report.md, accuracy.png and grid.png. Sources take the forms `protect` accepts."
+        ),
+    )
+    audit.add_argument("--protected", required=True, metavar="SRC", help="the protected training set")
+    audit.add_argument("--clean", metavar="SRC", help="the clean training set (baseline and imperceptibility)")
+    audit.add_argument("--test", required=True, metavar="SRC", help="the clean test set")
+    audit.add_argument("--label-field", default=None,
+                       help="field/column with the class id (default: 'cls' for shards, 'label' otherwise)")
+    audit.add_argument("--image-field", default=None, help="field/column with the image (default: auto / 'image')")
+    audit.add_argument("--key-field", default=None, help="column of sample keys for tables (default: row index)")
+    audit.add_argument("--model", default="small-cnn",
+                       help="small-cnn (CPU-fast), resnet18 (CIFAR-style) or any torchvision classifier name")
+    audit.add_argument("--epochs", type=_positive, default=10, help="training epochs per setting")
+    audit.add_argument("--batch-size", type=_positive, default=128, help="training batch size")
+    audit.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9, cosine schedule)")
+    audit.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and random defenses")
+    audit.add_argument("--defense", default="none",
+                       help="comma list: none, jpeg[:Q] (Q=10), grayscale, bdr[:BITS] (2), median[:K] (3), "
+                            "blur[:SIGMA] (0.1), upload[:Q] (resize+crop+JPEG 75), augment (crop+flip), "
+                            "at[:EPS] (PGD L-inf adversarial training, EPS/255, 10 steps; 8)")
+    audit.add_argument("--relabel", default=None,
+                       help="the attacker's labelling: merge:N (N super-classes), 'old:new,...' or a JSON file")
+    audit.add_argument("--probe", action="store_true",
+                       help="also report a linear probe on a SimCLR encoder trained on each set without labels")
+    audit.add_argument("--no-baseline", action="store_true", help="do not train on the clean set")
+    audit.add_argument("--image-size", type=_positive, default=None, help="resize images to SIZE x SIZE on loading")
+    audit.add_argument("--limit", type=_positive, default=None, help="use at most N training samples per set")
+    audit.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    audit.add_argument("-o", "--output", required=True, metavar="REPORT_DIR", help="folder for the report")
+    audit.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    demo = sub.add_parser("demo", formatter_class=fmt, help="protect a small real sample shipped with the package",
+                          description="Fit CUDA on 10 classes with the public demo key, protect 300 embedded "
+                                      "Fashion-MNIST images (one webdataset shard), and write the protected shard "
+                                      "and a before/after image grid.")
+    demo.add_argument("-o", "--output", default="ue-datasets-demo", help="folder to write into")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
