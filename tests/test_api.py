@@ -97,7 +97,7 @@ def test_skipping_more_than_the_threshold_commits_but_exits_1_with_the_top_reaso
     err = capsys.readouterr().err
     assert code == 1
     assert "3 of 10 samples were skipped, more than the 0 allowed" in err
-    assert "2 x label 12 is out of range [0, 10)" in err
+    assert "3 x label 12 is out of range [0, 10) (or alike)" in err
     stats = json.loads((out / "a_stats.json").read_text())  # written, and resumable
     assert (out / "a.tar").is_file() and stats["written"] == 7 and len(stats["skipped"]) == 3
 
@@ -152,3 +152,59 @@ def test_import_ue_datasets_imports_no_heavy_module_until_a_name_is_used():
             "ue_datasets.Protection\nprint('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_skip_reasons_group_reasons_that_differ_only_in_values(tmp_path, prot):
+    src = _labelled_shard(str(tmp_path / "in" / "a.tar"), [0, 12, 13, 13, 11, "x"])
+    with pytest.raises(ue_datasets.TooManySkipped) as info:
+        ue_datasets.protect(src, str(tmp_path / "out"), prot, on_error="skip", device="cpu", progress=False)
+    assert info.value.result.skip_reasons() == [("label 12 is out of range [0, 10)", 4),
+                                               ("label field 'cls' is not an integer: b'x'", 1)]
+    assert "4 x label 12 is out of range [0, 10) (or alike)" in str(info.value)
+
+
+def test_too_many_skipped_survives_pickling(tmp_path, prot):
+    import pickle
+
+    src = _labelled_shard(str(tmp_path / "in" / "a.tar"), [0, 12])
+    with pytest.raises(ue_datasets.TooManySkipped) as info:
+        ue_datasets.protect(src, str(tmp_path / "out"), prot, on_error="skip", device="cpu", progress=False)
+    again = pickle.loads(pickle.dumps(info.value))
+    assert str(again) == str(info.value) and again.result.written == 1
+
+
+def test_protect_takes_paths_as_well_as_strings(tmp_path, prot):
+    write_shard(str(tmp_path / "in" / "a.tar"), make_samples(2))
+    assert ue_datasets.protect(tmp_path / "in", tmp_path / "out", prot, device="cpu", progress=False).written == 2
+    assert ue_datasets.protect([tmp_path / "in" / "a.tar"], tmp_path / "out2", prot, device="cpu",
+                               progress=False).written == 2
+
+
+@pytest.mark.parametrize("name", ["single.tar", "out.parquet/"])
+def test_an_output_named_like_a_file_is_refused_as_not_a_folder(tmp_path, prot, name):
+    src = write_shard(str(tmp_path / "in" / "a.tar"), make_samples(1))
+    with pytest.raises(UEDatasetsError, match="the output is a folder"):
+        ue_datasets.protect(src, str(tmp_path / name), prot, device="cpu", progress=False)
+    assert not (tmp_path / name).exists()
+
+
+def test_protecting_an_output_of_ue_datasets_again_warns(tmp_path, prot):
+    src = write_shard(str(tmp_path / "in" / "a.tar"), make_samples(2))
+    ue_datasets.protect(src, str(tmp_path / "once"), prot, device="cpu", progress=False)
+    with pytest.warns(UserWarning, match="itself an output of ue-datasets"):
+        ue_datasets.protect(str(tmp_path / "once"), str(tmp_path / "twice"), prot, device="cpu", progress=False)
+
+
+def test_a_mistyped_artifact_directory_is_named_as_missing(tmp_path, capsys):
+    from ue_datasets.cli import main
+
+    assert main(["inspect", str(tmp_path / "my-protecton")]) == 2
+    assert "no such artifact directory" in capsys.readouterr().err
+
+
+def test_cli_warnings_are_one_line_of_their_own(tmp_path, prot, capsys):
+    src = write_shard(str(tmp_path / "in" / "a.tar"), make_samples(2))
+    assert protect_cli("--protection", prot, "--input", src, "--output", str(tmp_path / "once")) == 0
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "once"), "--output", str(tmp_path / "two")) == 0
+    err = capsys.readouterr().err
+    assert "ue-datasets: warning: " in err and "UserWarning" not in err

@@ -88,10 +88,10 @@ def test_the_cost_table_gives_each_settings_share():
     table = cost_table([classifier_cost(parse_defense(d), "protected", 10, 1000, 0)
                         for d in ("none", "augment", "at:8")])
     lines = table.splitlines()
-    assert "an estimate" in lines[0]
-    assert lines[1].split() == ["none", "/", "protected", "10.0", "8", "%"]
-    assert lines[3].split() == ["at:8", "/", "protected", "110.0", "85", "%"]
-    assert lines[4].split() == ["total", "130.0"]
+    assert "an estimate" in lines[0] and lines[1].split() == ["setting", "epochs", "share"]
+    assert lines[2].split() == ["none", "/", "protected", "10.0", "8", "%"]
+    assert lines[4].split() == ["at:8", "/", "protected", "110.0", "85", "%"]
+    assert lines[5].split() == ["total", "130.0"]
 
 
 def test_the_first_epoch_time_becomes_one_estimate_for_the_whole_audit():

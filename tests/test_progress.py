@@ -64,3 +64,9 @@ def test_protect_logs_plain_progress_when_stderr_is_not_a_terminal(tmp_path, pro
                  "--device", "cpu"]) == 0
     err = capfd.readouterr().err
     assert "protect: 1/1 file (100%) in " in err and "\r" not in err and "\x1b" not in err
+
+
+def test_rates_read_as_plain_numbers():
+    bar = LineProgress(total=10_000, desc="samples", unit="img", stream=io.StringIO(), interval=3600)
+    bar.n, bar._start = 5000, bar._start - 4.0
+    assert "1250 img/s" in bar._line(bar._start + 4.0, final=False)

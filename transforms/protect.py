@@ -183,7 +183,7 @@ class ProtectedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Any:
         image, label = self.dataset[index][:2]
         image, label, _ = self.protect(image, label, str(index))
-        return (image if self.then is None else self.then(image)), label
+        return self._finish(image, label)
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """The samples at ``indices`` (one DataLoader batch), their images protected together.
@@ -194,13 +194,16 @@ class ProtectedDataset(torch.utils.data.Dataset):
         """
         samples = [self.dataset[i][:2] for i in indices]
         if not all(_single_image(image) for image, _ in samples):
-            return [self[i] for i in indices]
+            return [self._finish(*self.protect(image, label, str(i))[:2])
+                    for i, (image, label) in zip(indices, samples)]
         labels = [label for _, label in samples]
         conditions = self.protect._conditions((None, labels, [str(i) for i in indices]))
         pixels = [_pixels(image) for image, _ in samples]
         out = protect_batch(self.protect.protection, pixels, device=self.protect.device, **conditions)
-        images = [_restore(x, image) for x, (image, _) in zip(out, samples)]
-        return [(image if self.then is None else self.then(image), label) for image, label in zip(images, labels)]
+        return [self._finish(_restore(x, image), label) for x, (image, label) in zip(out, samples)]
+
+    def _finish(self, image: Any, label: Any) -> tuple[Any, Any]:
+        return (image if self.then is None else self.then(image)), label
 
 
 class ProtectBatch(torch.nn.Module):

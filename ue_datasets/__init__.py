@@ -43,7 +43,7 @@ def _serve_checkout_transforms() -> None:
             return importlib.util.spec_from_file_location(
                 name, _os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
 
-    _sys.meta_path.append(_Finder())
+    _sys.meta_path.insert(0, _Finder())  # before an installed copy's finder: this checkout's own folder
 
 
 _serve_checkout_transforms()

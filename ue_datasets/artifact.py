@@ -134,6 +134,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
+        if not Path(directory).exists():
+            raise ArtifactError(f"{directory}: no such artifact directory") from None
         raise ArtifactError(f"{directory}: not a protection artifact (no {MANIFEST})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: unreadable manifest ({e})") from None

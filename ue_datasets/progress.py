@@ -37,7 +37,10 @@ def _interval() -> float:
         return DEFAULT_INTERVAL
 
 
-def _is_terminal(stream: TextIO) -> bool:
+def is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` shows a live bar: a terminal, or a Jupyter/IPython kernel's output."""
+    if "ipykernel" in sys.modules and stream in (sys.stdout, sys.stderr):
+        return True
     try:
         return stream.isatty()
     except (AttributeError, ValueError):  # closed or not a real file
@@ -128,7 +131,7 @@ class LineProgress:
             parts.append(f"in {duration(elapsed)}")
         elif elapsed > 0 and done > 0:
             rate = done / elapsed
-            parts.append(f"{rate:.3g} {self.unit}/s")
+            parts.append(f"{rate:.0f} {self.unit}/s" if rate >= 100 else f"{rate:.2g} {self.unit}/s")
             if self.total:
                 parts[-1] += f", ~{duration(max(0, self.total - self.n) / rate)} left"
         if self._postfix:
@@ -147,7 +150,7 @@ def progress_bar(iterable: Iterable | None = None, *, disable: bool = False, str
     `LineProgress` one; ``disable=True`` shows nothing.
     """
     stream = stream or sys.stderr
-    if not disable and _is_terminal(stream):
+    if not disable and is_terminal(stream):
         from tqdm.auto import tqdm
 
         return tqdm(iterable, file=stream, **options)

@@ -70,8 +70,9 @@ class ProtectMap:
             ``__key__`` when present, else the row index (pass ``with_indices=True``).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``; with a ``rank`` and several
             GPUs, ``cuda:{rank % count}``.
-        on_error: ``"fail"`` raises `SampleError` naming the row; ``"skip"`` drops the row, warns and
-            records it in `skipped` (of this process; pass your own list to collect them).
+        on_error: ``"fail"`` raises `SampleError` naming the row; ``"skip"`` drops the row and records
+            it in `skipped` (of this process): pass your own list to collect them, else each skipped row
+            is also a warning.
         png_level: zlib level of the written PNGs (lossless at any level).
         as_bytes: return raw PNG bytes instead of ``{"bytes", "path": None}`` (for binary columns).
         source: name used in error messages.
@@ -116,6 +117,7 @@ class ProtectMap:
         self.keep_columns = field_names(keep_columns)
         self.scan_columns = scan_columns
         self.skipped: list[dict[str, str]] = [] if skipped is None else skipped
+        self.warn_skipped = skipped is None  # a caller that collects the skipped rows reports them itself
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -210,7 +212,8 @@ class ProtectMap:
             if isinstance(r, SampleError):
                 if self.on_error == "fail":
                     raise r
-                warnings.warn(f"skipped {r}")
+                if self.warn_skipped:
+                    warnings.warn(f"skipped {r}")
                 self.skipped.append({"source": r.source, "key": r.key, "reason": r.reason})
             else:
                 keep.append(i)
@@ -283,11 +286,11 @@ def protect_dataset(
 
     ``batch_size`` rows go through each call of the map function, so through one call of the tensor
     core and of the codec pool. The default, 1000, is ``datasets.map``'s own: on 28x28 Fashion-MNIST
-    on CPU it is about 3x faster than 64 and as fast as 4000 (``recipes/bench_adapters.py``); lower it
-    only to bound memory on large images.
+    on CPU, 64 was as fast on idle cores and up to 3.4x slower on busy ones, and 4000 no faster
+    (``recipes/bench_adapters.py``); lower it only to bound memory on large images.
 
     With ``on_error="skip"`` bad rows are dropped and, when the map runs in this process, appended
-    to ``skipped`` as ``{"key", "reason"}``. Another ``Image`` column fails unless it is named in
+    to ``skipped`` as ``{"key", "reason"}`` (or warned about one by one when no list is given). Another ``Image`` column fails unless it is named in
     ``keep_columns`` (kept as it is); images declaring more than ``max_pixels`` pixels are refused.
 
     Returns:

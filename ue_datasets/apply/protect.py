@@ -4,7 +4,7 @@
 >>> protection = ue_datasets.fit("cuda", num_classes=10, key=123456789)
 >>> result = ue_datasets.protect("shards/", "doc-protected/", protection, progress=False)
 >>> print(result.summary())  # doctest: +ELLIPSIS
-protected 20 of 20 samples (20 changed, 0 skipped) in 4 wds file(s) -> doc-protected/ [... s]
+protected 20 of 20 samples (20 changed, 0 skipped) in 4 shard(s) -> doc-protected/ [... s]
 >>> ue_datasets.protect("shards/", "doc-protected/", protection, progress=False).resumed
 4
 
@@ -15,8 +15,10 @@ directory or parquet files (one input string, or several).
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,10 +26,13 @@ from typing import Any
 
 from ..artifact import Protection, as_protection
 from ..errors import UEDatasetsError
+from .commit import read_json, stats_url
 from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
 from .shards import DEFAULT_BATCH_SIZE, ShardOptions
-from .sources import protect_source, resolve
+from .sources import HF_STATS, Source, protect_source, resolve
 
+#: The parts of a skip reason that vary from sample to sample: addresses, quoted values, numbers.
+_VARIABLE = re.compile(r"0x[0-9a-fA-F]+|'[^']*'|\"[^\"]*\"|\d+")
 #: Default of ``max_skipped``: a run that skips more than this share of its samples is reported as failed.
 DEFAULT_MAX_SKIPPED = "1%"
 
@@ -79,15 +84,25 @@ class ProtectResult:
         return sum(bool(s.get("resumed")) for s in self.files)
 
     def skip_reasons(self, top: int = 3) -> list[tuple[str, int]]:
-        """The most common reasons samples were skipped, with their counts, most common first."""
-        return Counter(s["reason"] for s in self.skipped).most_common(top)
+        """The most common kinds of reason samples were skipped for, most common first: one example
+        reason of each kind and how many samples had a reason of that kind (reasons that differ only in
+        numbers, quoted values and addresses are of one kind: ``label 7 is out of range [0, 5)`` and
+        ``label 9 ...``)."""
+        kinds: Counter[str] = Counter()
+        example: dict[str, str] = {}
+        for s in self.skipped:
+            kind = _VARIABLE.sub("_", s["reason"])
+            kinds[kind] += 1
+            example.setdefault(kind, s["reason"])
+        return [(example[kind], n) for kind, n in kinds.most_common(top)]
 
     def summary(self) -> str:
         """One line: what was read, written, protected and skipped, and where."""
         resumed = f", {self.resumed} already done" if self.resumed else ""
+        files = {"wds": f"{len(self.files)} shard(s)", "parquet": f"{len(self.files)} parquet file(s)",
+                 "hf": "a save_to_disk dataset"}[self.kind]
         return (f"protected {self.written} of {self.samples} samples ({self.protected} changed, "
-                f"{len(self.skipped)} skipped) in {len(self.files)} {self.kind} file(s){resumed} -> {self.output} "
-                f"[{self.seconds:.1f} s]")
+                f"{len(self.skipped)} skipped) in {files}{resumed} -> {self.output} [{self.seconds:.1f} s]")
 
 
 class TooManySkipped(UEDatasetsError):
@@ -97,10 +112,13 @@ class TooManySkipped(UEDatasetsError):
     def __init__(self, result: ProtectResult, limit: int):
         self.result, self.limit = result, limit
         skipped = len(result.skipped)
-        reasons = "; ".join(f"{n} x {reason}" for reason, n in result.skip_reasons())
+        reasons = "; ".join(f"{n} x {reason}" + (" (or alike)" if n > 1 else "") for reason, n in result.skip_reasons())
         super().__init__(
             f"{skipped} of {result.samples} samples were skipped, more than the {limit} allowed (--max-skipped); "
             f"the outputs are written, but check the options (label field, number of classes...): {reasons}")
+
+    def __reduce__(self):  # picklable across processes, as the other errors are
+        return (type(self), (self.result, self.limit))
 
 
 def skip_limit(max_skipped: int | str, samples: int) -> int:
@@ -121,9 +139,23 @@ def skip_limit(max_skipped: int | str, samples: int) -> int:
     return max_skipped
 
 
+def warn_if_protected(source: Source) -> None:
+    """Warn when the first input files are outputs of ue-datasets themselves (a stats file of ours
+    beside them): protecting protected data again is almost always a mistake of paths."""
+    for url in source.urls[:3] if source.kind != "hf" else []:
+        stats = read_json(stats_url(url))
+        if stats and isinstance(stats.get("protection"), dict):
+            warnings.warn(f"{url} is itself an output of ue-datasets (protection {stats['protection'].get('id')}, "
+                          "see its stats file): it is being protected again", stacklevel=3)
+            return
+    if source.kind == "hf" and read_json(posixpath.join(source.urls[0], HF_STATS)):
+        warnings.warn(f"{source.urls[0]} is itself an output of ue-datasets (see its {HF_STATS}): it is being "
+                      "protected again", stacklevel=3)
+
+
 def protect(
-    src: str | Sequence[str],
-    dst: str,
+    src: str | os.PathLike | Sequence[str | os.PathLike],
+    dst: str | os.PathLike,
     protection: Protection | str | os.PathLike,
     *,
     label_field: str | None = None,
@@ -174,14 +206,17 @@ def protect(
         UEDatasetsError: bad input (naming the file and sample), an output that may not be written.
     """
     start = time.perf_counter()
+    skip_limit(max_skipped, 0)  # a bad value fails before any work
+    src = os.fspath(src) if isinstance(src, os.PathLike) else src
+    source = resolve(src if isinstance(src, str) else [os.fspath(s) for s in src])
+    dst = os.fspath(dst)
     protection = as_protection(protection)
     if encoder is not None:
         from .clusters import use_encoder
 
         protection = use_encoder(protection, encoder, device=device)
-    skip_limit(max_skipped, 0)  # a bad value fails before any work
-    source = resolve(src)
     kind = source.kind
+    warn_if_protected(source)
     options = ShardOptions(
         label_field=label_field or ("cls" if kind == "wds" else "label"), image_field=image_field,
         key_field=key_field, keep_fields=keep_fields, batch_size=batch_size, device=device, on_error=on_error,

@@ -15,8 +15,9 @@ import posixpath
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,12 +29,24 @@ from ..errors import SourceError, UEDatasetsError
 from ..progress import progress_bar
 from ..version import __version__
 from .commit import (
-    OutputBusy, OutputLock, checks_out, discard, final_url, output_error, partial_url, read_json, remove_partials,
-    rename, source_identity, stats_url, write_hashed, write_json,
+    OutputBusy,
+    OutputLock,
+    checks_out,
+    discard,
+    final_url,
+    output_error,
+    partial_url,
+    read_json,
+    remove_partials,
+    rename,
+    source_identity,
+    stats_url,
+    write_hashed,
+    write_json,
 )
 from .core import needs_keys, resolve_device, selected
-from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
 from .encoded import field_names
+from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
 from .locations import check_output, check_output_name
 
 ON_ERROR = ("fail", "skip")
@@ -167,10 +180,16 @@ def owned_stats(out_url: str, protection: Protection, overwrite: bool) -> dict[s
         return None
     other = stats["protection"].get("id") if isinstance(stats["protection"], dict) else None
     if other != protection.id and not overwrite:
-        raise UEDatasetsError(
-            f"{out_url} was written with another protection ({other}); write to a new output or pass --overwrite"
-        )
+        raise other_protection(out_url, other)
     return stats
+
+
+def other_protection(url: str, other: object) -> UEDatasetsError:
+    """The error for an output completed with another protection (one with another id)."""
+    return UEDatasetsError(
+        f"{url} was written with another protection ({other}); write to a new output or pass --overwrite "
+        "(overwrite=True in Python). A protection fitted again gets a new id, even from the same key: protect "
+        "with the artifact you saved (load_protection)")
 
 
 def commit_file(
@@ -219,6 +238,9 @@ def plan(inputs: Sequence[str], output_dir: str, patterns: Sequence[str] | None 
     if isinstance(inputs, str):
         raise UEDatasetsError(f"inputs must be a list of files, got the string {inputs!r}")
     check_output_name(output_dir)  # before "" + "/" + name makes a file of the root folder
+    if output_dir.rstrip("/").endswith((".tar", ".tar.gz", ".tgz", ".parquet")):
+        raise UEDatasetsError(f"{output_dir}: the output is a folder (each output file keeps its input's name), "
+                              "not a file name; give a folder such as protected/")
     pairs, seen = [], {}
     for url in inputs:
         name = output_name(url)
@@ -364,6 +386,11 @@ def run(
                             done(jobs[job], job.result())
                         except OutputBusy as e:
                             done(jobs[job], e)
+                        except BrokenProcessPool:
+                            raise UEDatasetsError(
+                                "a worker process died before its file was done (nothing of it was committed; "
+                                "rerun to resume). Workers are spawned and import the main script again: in a "
+                                "script, call protect under `if __name__ == \"__main__\":`") from None
             pending = busy
             if pending:
                 if not told:

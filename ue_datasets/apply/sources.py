@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import posixpath
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -28,14 +29,25 @@ from braceexpand import braceexpand
 
 from ..artifact import Protection
 from ..errors import SourceError, UEDatasetsError
+from ..progress import is_terminal
 from ..version import __version__
 from .commit import (
-    OutputLock, checks_out, discard, file_digest, is_partial_of, output_error, partial_url, read_json,
-    remove_partials, rename, source_identity, write_json,
+    OutputLock,
+    checks_out,
+    discard,
+    file_digest,
+    is_partial_of,
+    output_error,
+    partial_url,
+    read_json,
+    remove_partials,
+    rename,
+    source_identity,
+    write_json,
 )
 from .core import needs_keys, selected
 from .locations import check_dataset_output
-from .shards import ShardOptions
+from .shards import ShardOptions, other_protection
 
 HF_MARKERS = ("state.json", "dataset_dict.json")
 HF_STATS = "ue_datasets_stats.json"
@@ -162,8 +174,7 @@ def _owned_dataset(dst: str, protection: Protection, overwrite: bool) -> dict[st
         return None
     other = stats["protection"].get("id")
     if other != protection.id and not overwrite:
-        raise UEDatasetsError(f"{dst} was written with another protection ({other}); "
-                              "write to a new output or pass --overwrite")
+        raise other_protection(dst, other)
     return stats
 
 
@@ -228,22 +239,27 @@ def _protect_hf(
                 and _dataset_checks_out(dst, done)):
             return {**done, "resumed": True}
         start = time.perf_counter()
-        if not progress:
+        quiet = not datasets.are_progress_bars_disabled() and not (progress and is_terminal(sys.stderr))
+        if quiet:  # datasets' own bars: on a terminal only (in a log they are lines of carriage returns)
             datasets.disable_progress_bars()
-        name = posixpath.basename(fsspec.core.url_to_fs(src)[1].rstrip("/"))
         try:
-            dataset = datasets.load_from_disk(src)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException) as e:
-            raise SourceError(src, f"cannot load the dataset ({type(e).__name__}: {e})") from None
-        splits = dataset if isinstance(dataset, datasets.DatasetDict) else {None: dataset}
-        partial = partial_url(dst)
-        try:
-            stats = _write_dataset(protection, src, dst, partial, name, splits, options, start)
-            stats.update(source=source, settings=settings)
-            _commit_dataset(partial, dst, stats, done)
-        except BaseException:
-            discard(partial)
-            raise
+            name = posixpath.basename(fsspec.core.url_to_fs(src)[1].rstrip("/"))
+            try:
+                dataset = datasets.load_from_disk(src)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException) as e:
+                raise SourceError(src, f"cannot load the dataset ({type(e).__name__}: {e})") from None
+            splits = dataset if isinstance(dataset, datasets.DatasetDict) else {None: dataset}
+            partial = partial_url(dst)
+            try:
+                stats = _write_dataset(protection, src, dst, partial, name, splits, options, start)
+                stats.update(source=source, settings=settings)
+                _commit_dataset(partial, dst, stats, done)
+            except BaseException:
+                discard(partial)
+                raise
+        finally:
+            if quiet:
+                datasets.enable_progress_bars()
     return stats
 
 

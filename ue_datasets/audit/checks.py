@@ -27,6 +27,11 @@ RISING = 0.02
 MIN_PER_CLASS = 100
 
 
+def more_epochs(epochs: int) -> int:
+    """The epochs every warning suggests for a run of ``epochs``: twice as many, and at least 3."""
+    return max(3, 2 * epochs)
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:.1f} %"
 
@@ -57,7 +62,7 @@ def _baseline_rows(report: dict[str, Any]) -> list[str]:
         out.append(
             f"clean baseline near chance ({peaks}; chance {_pct(chance)} for {classes} classes, warned below "
             f"{_pct(floor)}): a model this weak cannot show what the protection hides; train longer "
-            f"(--epochs {2 * epochs}), {_more_data(config)}, or check --lr and --model"
+            f"(--epochs {more_epochs(epochs)}), {_more_data(config)}, or check --lr and --model"
         )
     rising = [(r, peak_gain(r["test_accuracy"])) for r in rows]
     rising = [(r, g) for r, g in rising if g is not None and g > RISING]
@@ -66,10 +71,12 @@ def _baseline_rows(report: dict[str, Any]) -> list[str]:
         gains = ", ".join(f"{r['defense']} +{100 * g:.1f}" for r, g in rising)
         out.append(
             f"clean baseline not converged: its peak still rose over the last {window} of {epochs} epochs "
-            f"({gains} points); the gap to the protected rows is not yet the real one; rerun with --epochs {2 * epochs}"
+            f"({gains} points); the gap to the protected rows is not yet the real one; "
+            f"rerun with --epochs {more_epochs(epochs)}"
         )
     if rows and epochs == 1:
-        out.append("1 epoch only: whether the clean baseline converged cannot be judged; use --epochs 3 or more")
+        out.append("1 epoch only: whether the clean baseline converged cannot be judged; "
+                   f"use --epochs {more_epochs(1)} or more")
     per_class = report["sizes"]["clean"] / classes
     if rows and per_class < MIN_PER_CLASS:
         out.append(

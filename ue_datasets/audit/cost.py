@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TextIO
 
+from ..progress import duration
 from .defenses import Defense
 from .train import SSL_EPOCHS
 
@@ -57,20 +58,13 @@ def probe_cost(name: str, epochs: int, n_train: int, n_test: int) -> SettingCost
     return SettingCost(f"ssl-probe / {name}", SSL_PASSES, SSL_EPOCHS * SSL_PASSES + features)
 
 
-def duration(seconds: float) -> str:
-    """``"42 s"``, ``"7 min 05 s"`` or ``"2 h 03 min"``."""
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
-
-
 def cost_table(costs: list[SettingCost]) -> str:
     """The estimate as printed before training: one line per setting with its plain epochs and share."""
     total = sum(c.units for c in costs)
     width = max(len(c.setting) for c in costs)
     lines = [("cost estimate, in plain epochs (one forward+backward pass over the training set; "
               "an estimate: preprocessing and data loading not counted):")]
+    lines.append(f"  {'setting':<{width}}  {'epochs':>7}  share")
     lines += [f"  {c.setting:<{width}}  {c.units:7.1f}  {100 * c.units / total:3.0f} %" for c in costs]
     lines.append(f"  {'total':<{width}}  {total:7.1f}")
     return "\n".join(lines)

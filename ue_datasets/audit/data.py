@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 import posixpath
 from collections.abc import Iterator
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -76,7 +76,8 @@ def load_labelled(
         UEDatasetsError: mixed sizes without ``image_size``; an empty source.
     """
     keys, images, labels = [], [], []
-    for where, key, data, label in (astuple(r) for r in _records(src, label_field, image_field, key_field)):
+    for r in _records(src, label_field, image_field, key_field):
+        where, key, data, label = r.source, r.key, r.image, r.label
         if limit is not None and len(keys) >= limit:
             break
         try:

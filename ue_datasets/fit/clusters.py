@@ -74,6 +74,8 @@ CHECKPOINT = "deltas-*.safetensors"
 CLUSTER_DATA = ("all", "members")
 DEFAULT_EPOCHS = {"faithful": 50, "fast": 10}
 DEFAULT_LR = {"faithful": 1e-4, "fast": 0.1}
+
+
 def parse_eps(value: str | float) -> float:
     """``"16/255"``, ``"0.0627"`` or a float -> a float in (0, 1]."""
     if isinstance(value, str):
@@ -324,6 +326,7 @@ def fit_clusters(
         else:
             km = minibatch_kmeans(lambda: iter_features(cache / "features"), clusters, seed=seed, device=dev,
                                   progress=progress)
+
         def report(seconds_per_step: float, steps: int) -> None:
             estimate = estimate_cost(images=len(data), steps=steps, seconds_per_step=seconds_per_step, **cost)
             if progress or estimate.slow:
