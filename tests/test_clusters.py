@@ -299,6 +299,8 @@ def test_protect_encoder_option_points_the_cli_at_moved_weights(fitted, tmp_path
     assert main([*args, "--output", str(tmp_path / "out1")]) == 2  # the recorded weights are gone
     assert main([*args, "--output", str(tmp_path / "out2"),
                  "--encoder", f"torchvision:resnet18:{tmp_path / 'moved.pth'}"]) == 0
+    assert main(["verify", "--protection", str(tmp_path / "prot"), "--input", str(tmp_path / "out2"), "--clean",
+                 shard, "--encoder", f"torchvision:resnet18:{tmp_path / 'moved.pth'}", "--device", "cpu"]) == 0
     expected = protect_batch(fitted["protection"], [png_pixels(b) for b in fitted["pngs"][:4]])
     assert [png_pixels(s["png"]).tolist() for s in read_tar(str(tmp_path / "out2" / "s.tar"))] == [
         x.tolist() for x in expected]

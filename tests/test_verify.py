@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -25,6 +27,29 @@ def _replace(shard, key, field, data):
     samples = read_tar(str(shard))
     next(s for s in samples if s["__key__"] == key)[field] = data
     write_shard(str(shard), samples)
+
+
+def _restat(shard, samples):
+    """Rewrite ``shard`` with ``samples`` and its stats with the new size and sha256, so that only the
+    samples themselves tell the change."""
+    write_shard(str(shard), samples)
+    data = shard.read_bytes()
+    stats_file = shard.with_name(shard.stem + "_stats.json")
+    stats = json.loads(stats_file.read_text())
+    stats.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    stats_file.write_text(json.dumps(stats))
+
+
+def _parquet(path, n=4):
+    """A parquet file of ``n`` labelled images at ``path``."""
+    import datasets
+
+    images, labels = make_dataset(n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(
+        {"image": [{"bytes": encode(im), "path": None} for im in images], "label": labels},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    ).to_parquet(str(path))
 
 
 def test_verify_passes_on_a_fresh_output_and_checks_every_sample(tmp_path, out, prot):
@@ -64,12 +89,26 @@ def test_verify_reports_a_sample_not_in_the_clean_source_as_foreign(tmp_path, ou
     assert report.checked == 15 and report.protected == 15 and not report.ok
 
 
-def test_verify_lists_clean_samples_the_output_lacks_as_missing_only(tmp_path, out, prot):
-    write_shard(str(out / "shard-00.tar"), read_tar(str(out / "shard-00.tar"))[1:])
-    report = verify(prot, str(out), str(tmp_path / "in"))
-    assert [(f.file, f.key) for f in report.missing] == [("shard-00.tar", "s000_00000")]
-    assert not (report.unprotected or report.tampered or report.foreign)
-    assert report.files  # the rewritten shard no longer matches its stats
+def test_verify_reports_clean_samples_the_output_lacks_as_absent_unless_its_stats_list_them_as_skipped(tmp_path, prot):
+    (tmp_path / "in").mkdir()
+    samples = make_samples(4, seed=0)
+    samples[1]["jpg"] = b"not an image"
+    write_shard(str(tmp_path / "in" / "a.tar"), samples)
+    write_shard(str(tmp_path / "in" / "b.tar"), make_samples(2, seed=1))
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                       "--on-error", "skip", "--max-skipped", "1") == 0
+    report = verify(prot, str(tmp_path / "out"), str(tmp_path / "in"))
+    assert [(f.file, f.key) for f in report.missing] == [("a.tar", "s000_00001")] and report.ok, report.summary()
+    assert "skipped at protect time" in report.missing[0].reason
+    _restat(tmp_path / "out" / "a.tar", read_tar(str(tmp_path / "out" / "a.tar"))[1:])
+    (tmp_path / "out" / "b.tar").unlink()
+    (tmp_path / "out" / "b_stats.json").unlink()
+    report = verify(prot, str(tmp_path / "out"), str(tmp_path / "in"))
+    absent = {(f.file, f.key): f.reason for f in report.absent}
+    assert set(absent) == {("a.tar", "s000_00000"), ("b.tar", "s001_00000"), ("b.tar", "s001_00001")}
+    assert "do not list it as skipped" in absent[("a.tar", "s000_00000")]
+    assert "its file is not in the output" in absent[("b.tar", "s001_00000")]
+    assert not report.ok and not report.files and "absent: 3" in report.summary()
 
 
 def test_verify_checks_a_seeded_random_sample(tmp_path, out, prot):
@@ -108,7 +147,8 @@ def test_verify_reports_paths_digest_and_leftovers_in_what_would_be_published(tm
     assert "digest" in leaks[("shard-00_stats.json", "protection.digest")]
     assert "lock file" in leaks[("shard-01.tar.lock", "")]
     assert "absolute local path" in leaks[("README.txt", "line 1")]
-    assert len(report.leaks) == 4 and not report.ok and not report.files and report.protected == 15
+    assert len(report.leaks) == 4 and not report.ok and report.protected == 15
+    assert [f.file for f in report.files] == ["README.txt"]  # protect did not write it either
 
 
 def test_verify_reports_a_local_path_in_a_sample_field(tmp_path, out, prot):
@@ -172,3 +212,124 @@ def test_the_verify_command_exits_0_when_ok_and_1_on_problems_writing_its_report
     assert main([*args, "--report", str(tmp_path / "report.json")]) == 1
     assert "s001_00002" in capsys.readouterr().out
     assert json.loads((tmp_path / "report.json").read_text())["ok"] is False
+
+
+def test_verify_reports_every_file_of_an_output_folder_protect_did_not_write(tmp_path, out, prot):
+    (out / "backup").mkdir()
+    shutil.copy(out / "shard-00.tar", out / "backup" / "a0.tar")
+    shutil.copy(out / "shard-01.tar", out / "shard-01.tar.bak")
+    (out / "preview.jpg").write_bytes(encode(Image.new("RGB", (4, 4)), "JPEG"))
+    (out / "shard-02.tar.lock").write_text("{}")
+    report = verify(prot, str(out))
+    assert [f.file for f in report.files] == ["backup/a0.tar", "preview.jpg", "shard-01.tar.bak"]
+    assert all("not an output file" in f.reason for f in report.files)
+    assert [f.file for f in report.leaks] == ["shard-02.tar.lock"]  # a leftover is a leak, not a stray file
+
+
+def _two_images(tmp_path, prot, *extra):
+    """Shards whose samples hold a jpg, a png and a ``mask.png``, protected with ``extra`` options."""
+    (tmp_path / "in").mkdir()
+    samples = make_samples(3, seed=0)
+    for s, im, mask in zip(samples, make_dataset(3, seed=5)[0], make_dataset(3, seed=9)[0]):
+        s.update({"png": encode(im), "mask.png": encode(mask.convert("L"))})
+    write_shard(str(tmp_path / "in" / "a.tar"), samples)
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                       *extra) == 0
+    return tmp_path / "out" / "a.tar"
+
+
+def test_verify_checks_every_image_field_of_a_shard_sample_under_its_protected_name(tmp_path, prot):
+    shard = _two_images(tmp_path, prot)
+    assert verify(prot, str(tmp_path / "out"), str(tmp_path / "in")).ok
+    samples = read_tar(str(shard))
+    assert {"png", "jpg.png", "mask.png"} <= set(samples[0])
+    samples[1]["png"] = read_tar(str(tmp_path / "in" / "a.tar"))[1]["png"]
+    _restat(shard, samples)
+    report = verify(prot, str(tmp_path / "out"), str(tmp_path / "in"))
+    assert [(f.key, f.reason) for f in report.unprotected] == [
+        ("s000_00001", "image 'png': the published image is the clean image")]
+    assert report.checked == 3 and report.protected == 2
+
+
+def test_verify_takes_kept_fields_and_the_clean_image_field_as_protect_did(tmp_path, prot):
+    from ue_datasets.cli import main
+
+    shard = _two_images(tmp_path, prot, "--keep-field", "mask.png", "--image-field", "jpg")
+    args = ["verify", "--protection", prot, "--input", str(tmp_path / "out"), "--clean", str(tmp_path / "in"),
+            "--no-progress", "--device", "cpu", "--keep-field", "mask.png"]
+    assert main([*args, "--image-field", "jpg"]) == 0 and main(args) == 0
+    assert verify(prot, str(tmp_path / "out"), str(tmp_path / "in")).unprotected  # the mask, unless kept
+    samples = read_tar(str(shard))
+    samples[2]["mask.png"] = encode(Image.new("L", (8, 8)))
+    _restat(shard, samples)
+    report = verify(prot, str(tmp_path / "out"), str(tmp_path / "in"), keep_fields=["mask.png"])
+    assert [(f.key, f.reason) for f in report.tampered] == [
+        ("s000_00002", "field 'mask.png' differs from the clean source")]
+
+
+def test_verify_reports_a_label_or_field_that_differs_from_the_clean_source(tmp_path, out, prot):
+    samples = read_tar(str(out / "shard-00.tar"))
+    samples[0]["cls"] = str((int(samples[0]["cls"]) + 1) % 10).encode()
+    samples[1]["txt"] = b"another caption\n"
+    _restat(out / "shard-00.tar", samples)
+    report = verify(prot, str(out), str(tmp_path / "in"))
+    assert [(f.key, f.reason) for f in report.tampered] == [
+        ("s000_00000", "label differs from the clean source"), ("s000_00001", "field 'txt' differs from the clean source")]
+    assert report.checked == 13 and not report.files
+
+
+def test_verify_reports_a_corrupt_output_file_and_refuses_a_corrupt_clean_one(tmp_path, prot):
+    from ue_datasets.cli import main
+
+    _parquet(tmp_path / "pq" / "a.parquet")
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "pq"), "--output", str(tmp_path / "out")) == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "out" / "a.parquet")
+    pq.write_table(table.set_column(1, "label", [[(v.as_py() + 1) % 10 for v in table["label"]]]),
+                   tmp_path / "relabelled.parquet")
+    shutil.copy(tmp_path / "relabelled.parquet", tmp_path / "out" / "a.parquet")
+    report = verify(prot, str(tmp_path / "out"), str(tmp_path / "pq"))
+    assert {f.reason for f in report.tampered} == {"label differs from the clean source"} and not report.checked
+    data = (tmp_path / "out" / "a.parquet").read_bytes()
+    (tmp_path / "out" / "a.parquet").write_bytes(data[: len(data) // 2])
+    report = verify(prot, str(tmp_path / "out"), str(tmp_path / "pq"))
+    assert [f.file for f in report.files] == ["a.parquet", "a.parquet"]
+    assert "cannot be read" in report.files[1].reason and not report.absent and not report.ok
+    (tmp_path / "pq" / "a.parquet").write_bytes(data[:100])
+    with pytest.raises(UEDatasetsError, match="cannot read the parquet file"):
+        verify(prot, str(tmp_path / "out"), str(tmp_path / "pq"))
+    assert main(["verify", "--protection", prot, "--input", str(tmp_path / "out"), "--clean", str(tmp_path / "pq"),
+                 "--no-progress", "--device", "cpu"]) == 2
+
+
+def test_verify_takes_several_clean_inputs(tmp_path, out, prot):
+    from ue_datasets.cli import main
+
+    clean = [str(tmp_path / "in" / f"shard-0{i}.tar") for i in range(3)]
+    assert verify(prot, str(out), clean).checked == 15
+    assert main(["verify", "--protection", prot, "--input", str(out), "--clean", *clean, "--no-progress",
+                 "--device", "cpu"]) == 0
+
+
+def test_verify_takes_latex_for_no_windows_path_but_flags_a_drive_path(tmp_path, out, prot):
+    (out / "NOTES.md").write_text("Let $f:\\mathbb{R}\\to\\mathbb{R}$ be smooth.\nfrom C:\\Users\\bob\\x.png\n")
+    leaks = verify(prot, str(out)).leaks
+    assert [(f.file, f.where) for f in leaks] == [("NOTES.md", "line 2")]
+    assert "C:\\Users\\bob\\x.png" in leaks[0].reason
+
+
+def test_verify_matches_table_rows_after_a_skipped_one_by_their_row_in_the_clean_source(tmp_path, prot):
+    import datasets
+
+    images, labels = make_dataset(4)
+    cells = [{"bytes": encode(im), "path": None} for im in images]
+    cells[1] = {"bytes": b"not an image", "path": None}
+    (tmp_path / "pq").mkdir()
+    datasets.Dataset.from_dict({"image": cells, "label": labels}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Value("int64")})).to_parquet(str(tmp_path / "pq" / "a.parquet"))
+    assert protect_cli("--protection", prot, "--input", str(tmp_path / "pq"), "--output", str(tmp_path / "out"),
+                       "--on-error", "skip", "--max-skipped", "1") == 0
+    report = verify(prot, str(tmp_path / "out"), str(tmp_path / "pq"))
+    assert report.ok and report.protected == 3, report.summary()
+    assert [(f.file, f.key) for f in report.missing] == [("a.parquet", "1")]

@@ -104,8 +104,8 @@ def _verify(args: argparse.Namespace) -> int:
     from .apply.verify import verify
 
     report = verify(args.protection, args.input, args.clean, args.sample, label_field=args.label_field,
-                    image_field=args.image_field, key_field=args.key_field, device=args.device, seed=args.seed,
-                    progress=not args.no_progress)
+                    image_field=args.image_field, key_field=args.key_field, keep_fields=args.keep_field,
+                    device=args.device, encoder=args.encoder, seed=args.seed, progress=not args.no_progress)
     print(report.summary())
     if args.report:
         with open(args.report, "w") as f:
@@ -146,12 +146,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    """Warnings as the CLI's own lines (``ue-datasets: warning: ...``), not as Python source locations."""
+    print(f"ue-datasets: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
     handler = {"fit": _fit, "protect": _protect, "inspect": _inspect, "verify": _verify, "audit": _audit,
                "demo": _demo}[args.command]
     try:
-        return handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return handler(args)
     except UEDatasetsError as e:
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, always
         print(f"ue-datasets: error: {message}", file=sys.stderr)

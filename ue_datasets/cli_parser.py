@@ -214,23 +214,34 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", formatter_class=fmt,
         help="check that an output about to be published is protected and leaks nothing",
         description="Check a protected output before publishing it: every file matches its stats and was "
-                    "written with this artifact; with --clean, each sample's protection is recomputed from "
-                    "the clean image and compared pixel for pixel (unprotected, tampered and foreign samples "
-                    "are named by key); nothing in it holds a local path, the artifact's digest, artifact "
-                    "files or leftover .lock/.partial- files. Exit status: 0 ok, 1 problems found, 2 error.")
+                    "written with this artifact, and the output folder holds no other file; with --clean, each "
+                    "sample's label (and, for shards, every field but the protected images) must equal the clean "
+                    "sample's, and the protection of each clean image (every image of a shard sample) is "
+                    "recomputed and compared pixel for pixel (unprotected, tampered, foreign samples and clean "
+                    "samples absent from the output without being listed as skipped in the stats are named by "
+                    "key); nothing in it holds a local path, the artifact's digest, artifact files or leftover "
+                    ".lock/.partial- files. Exit status: 0 ok, 1 problems found, 2 error.")
     verify.add_argument("--protection", required=True, help="artifact directory the output was protected with")
     verify.add_argument("--input", required=True, metavar="PROTECTED",
                         help="the protected output: shards, dataset directory or parquet files")
-    verify.add_argument("--clean", metavar="SRC", default=None,
-                        help="the source it was protected from; without it pixels are not checked, only stats")
+    verify.add_argument("--clean", metavar="SRC", nargs="+", default=None,
+                        help="the source it was protected from, as given to protect's --input (several shard or "
+                             "parquet inputs may follow); without it pixels are not checked, only stats")
     verify.add_argument("--sample", type=_positive, default=None, metavar="N",
                         help="check N samples drawn at random (default: all)")
     verify.add_argument("--seed", type=int, default=0, help="seed of the --sample draw")
     verify.add_argument("--label-field", default=None,
                         help="field/column with the class id, as given to protect (default: 'cls' / 'label')")
-    verify.add_argument("--image-field", default=None, help="field/column with the image (default: auto / 'image')")
+    verify.add_argument("--image-field", default=None,
+                        help="field/column of the clean source with the image, as given to protect (default: every "
+                             "image field of a shard sample; 'image')")
+    verify.add_argument("--keep-field", action="append", default=[], metavar="FIELD",
+                        help="a field/column kept unprotected, as given to protect; it must equal the clean one "
+                             "byte for byte. Repeat for several")
     verify.add_argument("--key-field", default=None, help="column of sample keys for tables (default: row index)")
     verify.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    verify.add_argument("--encoder", default=None, metavar="SPEC",
+                        help="clusters artifacts only: where the surrogate encoder's weights are now, as for protect")
     verify.add_argument("--report", metavar="FILE", default=None,
                         help="also write the full report as JSON (it names your paths: keep it out of the output)")
     verify.add_argument("--no-progress", action="store_true", help="no progress bars")

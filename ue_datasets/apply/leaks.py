@@ -33,9 +33,11 @@ PER_FILE = 20
 #: Larger files that are not tar, parquet or Arrow are taken as binary and not scanned.
 TEXT_LIMIT = 64 << 20
 DIGEST = "the artifact's digest (lets anyone test guesses of the key offline)"
-#: Absolute paths of common local roots, not inside a URL or a relative path; Windows drive paths.
+#: Absolute paths of common local roots, not inside a URL or a relative path; Windows drive paths: a
+#: drive letter not after a letter, ``$`` or ``\`` (not ``$f:\mathbb{R}$``), then ``\`` (or an escaped one) and a name
+#: that ends at a ``\``, a space, punctuation or the end (not a LaTeX command and its ``{``), or ``/Users/``.
 _LOCAL_PATH = re.compile(r"(?<![\w.~-])/(?:home|tmp|Users|root|mnt|media|private|var/folders)/[^\s\"'<>|]*"
-                         r"|(?<![\w])[A-Za-z]:(?:\\|/Users/)[^\s\"'<>|]*")
+                         r"|(?<![\w$\\])[A-Za-z]:(?:\\{1,2}[\w.~()-]*[\w)~-](?=\\|[.,;:]?(?:[\s\"'<>|]|$))|/Users/)[^\s\"'<>|]*")
 
 
 @dataclass(frozen=True)

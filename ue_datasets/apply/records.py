@@ -7,7 +7,8 @@ adapters' conventions, so a key seen at fit time is the key the same sample has 
 else its ``__key__`` column when it has one), else the row index (within the file for parquet, within
 the split for a dataset).
 
-No field is ever unpickled; only the image (and, when asked for, the label) of each sample is read.
+No field is ever unpickled; only the image (and, when asked for, the label) of each sample is read,
+unless every column of a table is asked for (``fields``, as `verify` compares labels with the clean source).
 """
 
 from __future__ import annotations
@@ -18,20 +19,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 
-from ..errors import SampleError, UEDatasetsError
+from ..errors import SampleError, SourceError, UEDatasetsError
 from .sources import resolve
 from .wds import image_field_of, label_of, read_samples
 
 
 @dataclass(frozen=True)
 class Record:
-    """One sample: where it comes from, its key, its encoded image (bytes or PIL) and its raw label."""
+    """One sample: where it comes from, its key, its encoded image (bytes or PIL) and its raw label;
+    ``fields`` when every field is read (see `iter_records`)."""
 
     source: str
     key: str
     image: bytes | Any
     label: Any = None
+    fields: dict[str, Any] | None = None
 
 
 def _read(path: str | None) -> bytes:
@@ -49,6 +53,7 @@ def iter_records(
     key_field: str | None = None,
     labels: bool = False,
     one_split: bool = False,
+    fields: bool = False,
 ) -> Iterator[Record]:
     """Every sample of ``src`` (shards, parquet files or a ``save_to_disk`` directory), in order.
 
@@ -59,9 +64,11 @@ def iter_records(
         key_field: a column of sample keys for tables (default: the row index).
         labels: read labels (a missing or non-integer label is a `SampleError`).
         one_split: refuse a ``DatasetDict`` instead of reading its splits one after the other.
+        fields: tables only: also read every other column, into ``fields`` (image columns undecoded).
 
     Raises:
         SampleError: a sample lacks its image or label (names the file and the key).
+        SourceError: a file or dataset cannot be read (corrupt, truncated).
         UEDatasetsError: the source cannot be resolved; several splits with ``one_split``.
     """
     source = resolve(src)
@@ -79,23 +86,42 @@ def iter_records(
                         raise SampleError(url, sample["__key__"], str(e)) from None
         return
     image_col, label_col = image_field or "image", label_field or "label"
+    columns = [image_col] + ([label_col] if labels else []) + ([key_field] if key_field else [])
     if source.kind == "hf":
-        import datasets
+        yield from _dataset_records(src, source.urls[0], image_col, label_col, key_field, labels, one_split, fields)
+        return
+    for url in source.urls:
+        try:
+            yield from _parquet_records(url, image_col, label_col, key_field, columns, labels, fields)
+        except (pa.ArrowException, OSError) as e:
+            raise SourceError(url, f"cannot read the parquet file ({type(e).__name__}: {e})") from None
 
-        ds = datasets.load_from_disk(source.urls[0])
-        if isinstance(ds, datasets.DatasetDict) and one_split:
-            splits = ", ".join(posixpath.join(src, s) for s in ds)
-            raise UEDatasetsError(f"{src} holds several splits; give one of: {splits}")
-        splits = ds.items() if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
-        for split, part in splits:
-            name = src if split is None else f"{src}[{split}]"
-            for col in [image_col] + ([label_col] if labels else []) + ([key_field] if key_field else []):
-                if col not in part.column_names:
-                    raise UEDatasetsError(f"{name}: no column {col!r} (columns: {part.column_names})")
-            if isinstance(part.features.get(image_col), datasets.Image):
-                part = part.cast_column(image_col, datasets.Image(decode=False))
-            column = key_field or ("__key__" if "__key__" in part.column_names else None)
+
+def _dataset_records(src: str, path: str, image_col: str, label_col: str, key_field: str | None, labels: bool,
+                     one_split: bool, fields: bool) -> Iterator[Record]:
+    """The records of a ``save_to_disk`` dataset (see `iter_records`)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException) as e:
+        raise SourceError(src, f"cannot load the dataset ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict) and one_split:
+        splits = ", ".join(posixpath.join(src, s) for s in ds)
+        raise UEDatasetsError(f"{src} holds several splits; give one of: {splits}")
+    splits = ds.items() if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
+    for split, part in splits:
+        name = src if split is None else f"{src}[{split}]"
+        for col in [image_col] + ([label_col] if labels else []) + ([key_field] if key_field else []):
+            if col not in part.column_names:
+                raise UEDatasetsError(f"{name}: no column {col!r} (columns: {part.column_names})")
+        for col, feature in part.features.items():
+            if isinstance(feature, datasets.Image) and (col == image_col or fields):
+                part = part.cast_column(col, datasets.Image(decode=False))
+        column = key_field or ("__key__" if "__key__" in part.column_names else None)
+        if not fields:
             part = part.select_columns([c for c in (image_col, label_col if labels else None, column) if c])
+        try:
             for i, row in enumerate(part):
                 key = str(row[column]) if column else str(i)
                 image = row[image_col]
@@ -104,25 +130,31 @@ def iter_records(
                         image["bytes"] if image.get("bytes") is not None else _read(image.get("path")))
                 except UEDatasetsError as e:
                     raise SampleError(name, key, str(e)) from None
-                yield Record(name, key, data, row[label_col] if labels else None)
-        return
+                yield Record(name, key, data, row[label_col] if labels else None,
+                             {k: v for k, v in row.items() if k != image_col} if fields else None)
+        except pa.ArrowException as e:
+            raise SourceError(name, f"cannot read the dataset ({type(e).__name__}: {e})") from None
+
+
+def _parquet_records(url: str, image_col: str, label_col: str, key_field: str | None, columns: list[str],
+                     labels: bool, fields: bool) -> Iterator[Record]:
+    """The records of one parquet file (see `iter_records`)."""
     import pyarrow.parquet as pq
 
-    for url in source.urls:
-        with fsspec.open(url, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            names = parquet.schema_arrow.names
-            columns = [image_col] + ([label_col] if labels else []) + ([key_field] if key_field else [])
-            for col in columns:
-                if col not in names:
-                    raise UEDatasetsError(f"{url}: no column {col!r} (columns: {names})")
-            offset = 0
-            for batch in parquet.iter_batches(batch_size=256, columns=columns):
-                rows = batch.to_pydict()
-                for i, image in enumerate(rows[image_col]):
-                    key = str(rows[key_field][i]) if key_field else str(offset + i)
-                    data = image["bytes"] if isinstance(image, dict) else image
-                    if data is None:
-                        raise SampleError(url, key, "image has no bytes")
-                    yield Record(url, key, data, rows[label_col][i] if labels else None)
-                offset += batch.num_rows
+    with fsspec.open(url, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        names = parquet.schema_arrow.names
+        for col in columns:
+            if col not in names:
+                raise UEDatasetsError(f"{url}: no column {col!r} (columns: {names})")
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=256, columns=None if fields else columns):
+            rows = batch.to_pydict()
+            for i, image in enumerate(rows[image_col]):
+                key = str(rows[key_field][i]) if key_field else str(offset + i)
+                data = image["bytes"] if isinstance(image, dict) else image
+                if data is None:
+                    raise SampleError(url, key, "image has no bytes")
+                yield Record(url, key, data, rows[label_col][i] if labels else None,
+                             {k: v[i] for k, v in rows.items() if k != image_col} if fields else None)
+            offset += batch.num_rows

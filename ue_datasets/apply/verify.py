@@ -3,14 +3,19 @@
 `verify` does three things:
 
 * **files**: each output file checks out against its stats (size and sha256) and was written with
-  this artifact (its ``protection.id``); a file with no stats, or listed by none, is reported;
+  this artifact (its ``protection.id``); a file with no stats, a file of the output folder (at any
+  depth) that is neither an output file nor its stats, and an output file that cannot be read are
+  reported;
 * **samples** (with the clean source): samples are matched by file (a shard or parquet file's output
-  name, a dataset's split) and key; the protection of each clean image is recomputed through the
-  tensor core, with the protected sample's label and key, and compared pixel for pixel with the
-  published image: equal is *protected* (an image the protection leaves as it is, as a partial
-  protection does for unselected samples, included), the clean image instead is *unprotected*, anything
-  else *tampered*; a key the clean source lacks is *foreign*, a clean key the output lacks is *missing*
-  (informational: skipped at protect time). The first image of each sample is checked.
+  name, a dataset's split) and key. The label (and, for shards, every field that is not a protected
+  image, ``keep_fields`` included) must equal the clean sample's, byte for byte. Then the protection of
+  each clean image is recomputed through the tensor core, with the sample's label and key, and compared
+  pixel for pixel with the published image: every image of a shard sample, each under the name protect
+  gives it (``jpg`` -> ``png``...); the image column of a table. A sample whose images are all equal is
+  *protected* (an image the protection leaves as it is, as a partial protection does for unselected
+  samples, included); one with a clean image instead is *unprotected*; anything else *tampered*. A key
+  the clean source lacks is *foreign*; a clean key the output lacks is *missing* (informational) when
+  its output file's stats list it as skipped at protect time, else *absent*.
 * **leaks** (`ue_datasets.apply.leaks`): local paths, the artifact's digest or files, lock and partial
   files in anything that would be published.
 """
@@ -20,30 +25,33 @@ from __future__ import annotations
 import os
 import posixpath
 import random
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import fsspec
 import torch
 
 from ..artifact import Protection, as_protection
-from ..errors import UEDatasetsError
+from ..errors import SampleError, UEDatasetsError
 from ..progress import progress_bar
-from .commit import LOCK_SUFFIX, PARTIAL_INFIX, checks_out, read_json, stats_url
 from .core import check_label, needs_labels, protect_batch
+from .encoded import field_names
 from .images import image_tensor
 from .leaks import Finding, local_needles, scan
 from .records import Record, iter_records
 from .shards import output_name
-from .sources import HF_STATS, KIND_NAMES, Source, resolve
+from .sources import KIND_NAMES, Source, resolve
+from .verify_files import Id, check_files, skipped_keys
+from .wds import META, image_fields, label_of, output_names, read_samples
 
 #: Samples per call of the tensor core.
 BATCH = 64
 #: Findings of each kind listed by `VerifyReport.summary`.
 SHOWN = 5
+#: The lists of `VerifyReport` that stop a publication, then the informational one, as shown.
+PROBLEMS = ("unprotected", "tampered", "foreign", "absent", "files", "leaks")
 
-Id = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -75,20 +83,21 @@ class VerifyReport:
     unprotected: list[SampleFinding] = field(default_factory=list)
     tampered: list[SampleFinding] = field(default_factory=list)
     foreign: list[SampleFinding] = field(default_factory=list)
+    absent: list[SampleFinding] = field(default_factory=list)
     missing: list[SampleFinding] = field(default_factory=list)
     files: list[Finding] = field(default_factory=list)
     leaks: list[Finding] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.unprotected or self.tampered or self.foreign or self.files or self.leaks)
+        return not any(getattr(self, name) for name in PROBLEMS)
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, **asdict(self)}
 
     def summary(self) -> str:
         """A few lines for people: the verdict, the counts, the first findings of each kind."""
-        problems = sum(map(len, (self.unprotected, self.tampered, self.foreign, self.files, self.leaks)))
+        problems = sum(len(getattr(self, name)) for name in PROBLEMS)
         lines = [f"verify {self.output} ({KIND_NAMES[self.kind]}, protection {self.protection['id']}): "
                  + ("OK" if self.ok else f"{problems} problem(s)")]
         if self.pixels_checked:
@@ -96,182 +105,256 @@ class VerifyReport:
                          f"protected ({self.unchanged} left unchanged by the protection)")
         else:
             lines.append(f"  {self.samples} samples; pixels not checked (give the clean source to check them)")
-        for name in ("unprotected", "tampered", "foreign", "missing", "files", "leaks"):
+        for name in (*PROBLEMS[:4], "missing", *PROBLEMS[4:]):
             found = getattr(self, name)
             if found:
-                note = " (informational: samples not in the output, as --on-error skip leaves them)" \
-                    if name == "missing" else ""
+                note = " (informational: skipped at protect time, as its stats say)" if name == "missing" else ""
                 lines.append(f"  {name}: {len(found)}{note}")
                 for f in found[:SHOWN]:
                     where = f.key if isinstance(f, SampleFinding) else f.where
                     lines.append(f"    {f.file}" + (f" {where}" if where else "") + f": {f.reason}")
                 if len(found) > SHOWN:
-                    lines.append(f"    ... and {len(found) - SHOWN} more (all of them in the JSON report)")
+                    lines.append(f"    ... and {len(found) - SHOWN} more (--report FILE writes them all)")
         return "\n".join(lines)
 
 
-def _check_files(source: Source, protection: Protection) -> tuple[list[Finding], int]:
-    """Findings on the output's files against their stats, and the samples the stats count."""
-    if source.kind == "hf":
-        return _check_dataset(source.urls[0], protection)
-    findings, samples = [], 0
-    for url in source.urls:
-        name = posixpath.basename(url)
-        stats = read_json(stats_url(url))
-        if stats is None:
-            findings.append(Finding(name, "", "no stats file beside it: not written by ue-datasets protect"))
-            continue
-        findings += _against_stats(name, stats, protection)
-        if stats.get("output") != name:
-            findings.append(Finding(name, "output", f"its stats are those of {stats.get('output')!r}"))
-        elif not checks_out(url, stats):
-            findings.append(Finding(name, "", "size or sha256 differs from its stats: changed after protect"))
-        else:
-            samples += int(stats.get("written", 0))
-    return findings, samples
+class _Reader:
+    """The samples of one side (output or clean), by input: each with its unit, what samples are matched
+    within (a file's output name; a dataset's split, ``[train]``). Shard records carry every field.
+
+    ``skipped`` (the output's, see `skipped_keys`) renumbers the rows of a table keyed by row index as protect
+    numbered them: by their row in the clean source, counting the rows it skipped."""
+
+    def __init__(self, kind: str, source: Source, options: dict[str, Any], skipped: dict[Id, str] | None = None):
+        self.kind, self.options, self.skipped = kind, options, skipped or {}
+        self.inputs = source.urls[:1] if kind == "hf" else source.urls
+
+    def unit(self, src: str, name: str) -> str:
+        """The unit of a sample of ``src`` whose record names ``name`` as its source."""
+        return name[len(src):] if self.kind == "hf" else output_name(src)
+
+    def read(self, src: str) -> Iterator[tuple[str, Record | SampleError]]:
+        """Every sample of one input; a sample that `read_samples` refuses is its `SampleError`."""
+        if self.kind != "wds":
+            rows: dict[str, int] = {}
+            for r in iter_records(src, image_field=self.options["image_field"], key_field=self.options["key_field"],
+                                  fields=True):
+                unit, by_row = self.unit(src, r.source), "__key__" not in (r.fields or {})
+                if self.skipped and self.options["key_field"] is None and by_row:
+                    row = rows.get(unit, 0)
+                    while (unit, str(row)) in self.skipped:
+                        row += 1
+                    rows[unit] = row + 1
+                    r = replace(r, key=str(row))
+                yield unit, r
+            return
+        with fsspec.open(src, "rb") as f:
+            for sample in read_samples(f, src):
+                if not isinstance(sample, SampleError):
+                    sample = Record(src, sample["__key__"], None,
+                                    fields={k: v for k, v in sample.items() if k not in META})
+                yield self.unit(src, src), sample
+
+    def ids(self, inputs: Iterable[str]) -> Iterator[tuple[Id, Record]]:
+        """``((unit, key), record)`` of every sample of ``inputs`` that could be read as one."""
+        for src in inputs:
+            for unit, r in self.read(src):
+                if isinstance(r, Record):
+                    yield (unit, r.key), r
 
 
-def _against_stats(name: str, stats: dict[str, Any], protection: Protection) -> list[Finding]:
-    recorded = stats.get("protection")
-    other = recorded.get("id") if isinstance(recorded, dict) else None
-    if other != protection.id:
-        return [Finding(name, "protection.id", f"written with another protection ({other})")]
-    return []
+def _images(protection: Protection, p: Record, c: Record, kind: str, options: dict[str, Any],
+            keep_fields: tuple[str, ...]) -> tuple[list[tuple[str, Any, Any]], Any]:
+    """Each image to check, as ``(name, published, clean)``, and the label to protect with.
 
-
-def _check_dataset(root: str, protection: Protection) -> tuple[list[Finding], int]:
-    stats = read_json(posixpath.join(root, HF_STATS))
-    if stats is None or not isinstance(stats.get("files"), dict):
-        return [Finding(HF_STATS, "", "missing or unreadable: not a dataset written by ue-datasets protect")], 0
-    findings = _against_stats(HF_STATS, stats, protection)
-    if stats.get("complete", True) is not True:
-        findings.append(Finding(HF_STATS, "complete", "the dataset's commit was interrupted; rerun protect"))
-    for name, digest in stats["files"].items():
-        if not checks_out(posixpath.join(root, name), digest):
-            findings.append(Finding(name, "", "missing, or its size or sha256 differs from the stats: "
-                                              "changed after protect"))
-    fs, path = fsspec.core.url_to_fs(root)
-    for found in sorted(fs.find(path)):
-        name = posixpath.relpath(found, path)
-        if name != HF_STATS and name not in stats["files"] and not (
-                name.endswith(LOCK_SUFFIX) or PARTIAL_INFIX in name):  # those are leaks, reported as such
-            findings.append(Finding(name, "", f"not listed in {HF_STATS}: not written by ue-datasets protect"))
-    return findings, int(stats.get("written", 0))
-
-
-def _unit(kind: str, src: str, record: Record) -> str:
-    """What a sample is matched within: its file's output name, or its split (``[train]``) in a dataset."""
-    return record.source[len(src):] if kind == "hf" else output_name(record.source)
-
-
-def _shown(kind: str, src: str, record: Record) -> str:
-    """The file (or dataset and split) a finding names: never a path of this machine."""
-    unit = _unit(kind, src, record)
-    return posixpath.basename(src.rstrip("/")) + unit if kind == "hf" else unit
-
-
-def _classify(protection: Protection, pairs: list[tuple[Record, Record]], src: str, device: str,
-              report: VerifyReport) -> None:
-    """Recompute the protection of each clean image (``pairs``: protected and clean records) and sort
-    each pair into ``report``."""
+    Raises:
+        UEDatasetsError: why the sample is tampered (a label or field differs from the clean sample...).
+    """
     labelled = needs_labels(protection)
-    ready: list[tuple[Record, torch.Tensor, torch.Tensor]] = []
-    for p, c in pairs:
+    if kind != "wds":
+        column = options["label_field"] or "label"
+        if p.fields.get(column) != c.fields.get(column):  # type: ignore[union-attr]
+            raise UEDatasetsError("label differs from the clean source")
+        label = p.fields.get(column) if labelled else None  # type: ignore[union-attr]
+        return [(options["image_field"] or "image", p.image, c.image)], label
+    out, clean = p.fields or {}, c.fields or {}
+    label_field = options["label_field"] or "cls"
+    try:
+        fields = image_fields(clean, options["image_field"], keep_fields)
+        names = output_names(clean, fields)
+    except UEDatasetsError as e:
+        raise UEDatasetsError(f"the clean sample cannot be protected ({e})") from None
+    others = sorted((k for k in clean if k not in fields), key=lambda k: k != label_field)  # the label first
+    for k in others:
+        if out.get(k) != clean[k]:
+            what = "label" if k == label_field else f"field {k!r}"
+            raise UEDatasetsError(f"{what} differs from the clean source" if k in out else f"{what} is not in the output")
+    extra = [k for k in out if k not in others and k not in names.values()]
+    if extra:
+        raise UEDatasetsError(f"field {extra[0]!r} is not in the clean source")
+    absent = [names[f] for f in fields if names[f] not in out]
+    if absent:
+        raise UEDatasetsError(f"image field {absent[0]!r} is not in the output")
+    return [(names[f], out[names[f]], clean[f]) for f in fields], label_of(out, label_field) if labelled else None
+
+
+def _verdict(out: torch.Tensor, exp: torch.Tensor, clean: torch.Tensor) -> tuple[str, str] | None:
+    """Why a published image is not the protection of its clean image, as ``(list, reason)`` (``None``: it is)."""
+    if torch.equal(out, exp):
+        return None
+    if torch.equal(out, clean):
+        return "unprotected", "the published image is the clean image"
+    if out.shape != exp.shape:
+        return "tampered", f"image is {tuple(out.shape)} (C, H, W), the protected image would be {tuple(exp.shape)}"
+    diff = (out.int() - exp.int()).abs()
+    return "tampered", (f"{int((diff > 0).sum())} of {diff.numel()} values differ from the protection of the "
+                        f"clean image (by up to {int(diff.max())})")
+
+
+def _classify(protection: Protection, pairs: list[tuple[str, Record, Record]], options: dict[str, Any],
+              keep_fields: tuple[str, ...], device: str, report: VerifyReport) -> None:
+    """Compare each pair (``(shown file, protected, clean)``) with the clean sample and the recomputed
+    protection of its images, and sort it into ``report``: a sample with a tampered image is tampered,
+    else one with a clean image unprotected."""
+    labelled = needs_labels(protection)
+    ready: list[tuple[str, Record, list[tuple[str, torch.Tensor, torch.Tensor]], Any]] = []
+    for file, p, c in pairs:
         try:
-            reason = check_label(protection, p.label) if labelled else None
+            images, label = _images(protection, p, c, report.kind, options, keep_fields)
+            reason = check_label(protection, label) if labelled else None
             if reason is not None:
                 raise UEDatasetsError(reason)
-            out, clean = image_tensor(p.image), image_tensor(c.image)
+            tensors = []
+            for name, out, clean in images:
+                try:
+                    tensors.append((name, image_tensor(out), image_tensor(clean)))
+                except UEDatasetsError as e:
+                    raise UEDatasetsError(f"image {name!r}: {e}") from None
         except UEDatasetsError as e:
-            report.tampered.append(SampleFinding(_shown(report.kind, src, p), p.key, str(e)))
+            report.tampered.append(SampleFinding(file, p.key, str(e)))
             continue
-        ready.append((p, out, clean))
-    if not ready:
+        ready.append((file, p, tensors, label))
+    flat = [(clean, label, p.key) for _, p, tensors, label in ready for _, _, clean in tensors]
+    if not flat:
         return
-    expected = protect_batch(protection, [c for _, _, c in ready],
-                             labels=[int(p.label) for p, _, _ in ready] if labelled else None,
-                             keys=[p.key for p, _, _ in ready], device=device)
-    for (p, out, clean), exp in zip(ready, expected):
+    expected = iter(protect_batch(protection, [clean for clean, _, _ in flat],
+                                  labels=[int(label) for _, label, _ in flat] if labelled else None,
+                                  keys=[key for _, _, key in flat], device=device))
+    for file, p, tensors, _ in ready:
         report.checked += 1
-        file = _shown(report.kind, src, p)
-        if torch.equal(out, exp):
+        wrong, unchanged = [], True
+        for (name, out, clean), exp in zip(tensors, expected):
+            verdict = _verdict(out, exp, clean)
+            unchanged = unchanged and torch.equal(exp, clean)
+            if verdict is not None:
+                wrong.append((verdict[0], f"image {name!r}: {verdict[1]}"))
+        if not wrong:
             report.protected += 1
-            report.unchanged += int(torch.equal(exp, clean))
-        elif torch.equal(out, clean):
-            report.unprotected.append(SampleFinding(file, p.key, "the published image is the clean image"))
-        elif out.shape != exp.shape:
-            report.tampered.append(SampleFinding(file, p.key, f"image is {tuple(out.shape)} (C, H, W), the "
-                                                              f"protected image would be {tuple(exp.shape)}"))
-        else:
-            diff = (out.int() - exp.int()).abs()
-            report.tampered.append(SampleFinding(file, p.key, f"{int((diff > 0).sum())} of {diff.numel()} values "
-                                                              f"differ from the protection of the clean image "
-                                                              f"(by up to {int(diff.max())})"))
+            report.unchanged += int(unchanged)
+            continue
+        which, reason = min(wrong, key=lambda w: w[0] != "tampered")
+        getattr(report, which).append(SampleFinding(file, p.key, reason))
 
 
-def _pairs(protected: Iterable[Record], clean: Iterator[Record], chosen: set[Id], pid: Callable[[Record], Id],
-           cid: Callable[[Record], Id]) -> Iterator[tuple[Record, Record | None]]:
+def _pairs(protected: Iterable[tuple[Id, Record]], clean: Iterator[tuple[Id, Record]],
+           chosen: set[Id]) -> Iterator[tuple[Id, Record, Record | None]]:
     """Each chosen protected record with its clean record (``None`` when the clean source has fewer of
     that key). Both sources are read once, in order; clean records read ahead wait for their match, so
     memory grows only where the two orders differ."""
     waiting: dict[Id, list[Record]] = {}
-    for p in protected:
-        key = pid(p)
+    for key, p in protected:
         if key not in chosen:
             continue
         while not waiting.get(key):
-            c = next(clean, None)
-            if c is None:
+            found = next(clean, None)
+            if found is None:
                 break
-            if cid(c) in chosen:
-                waiting.setdefault(cid(c), []).append(c)
-        yield p, waiting[key].pop(0) if waiting.get(key) else None
+            if found[0] in chosen:
+                waiting.setdefault(found[0], []).append(found[1])
+        yield key, p, waiting[key].pop(0) if waiting.get(key) else None
 
 
-def _check_samples(protection: Protection, output: str, clean: str, sample: int | None, options: dict[str, Any],
-                   device: str, seed: int, progress: bool, report: VerifyReport) -> None:
+def _read_output(reader: _Reader, shown: Callable[[str], str], report: VerifyReport) -> tuple[list[Id], list[str]]:
+    """The ids of the output's samples and its readable inputs; an input that cannot be read is a finding
+    under ``files``, a sample that cannot be read one under ``tampered``."""
+    published: list[Id] = []
+    readable: list[str] = []
+    for src in reader.inputs:
+        found: list[Id] = []
+        try:
+            for unit, r in reader.read(src):
+                if isinstance(r, SampleError):
+                    report.tampered.append(SampleFinding(shown(unit), r.key, r.reason))
+                else:
+                    found.append((unit, r.key))
+        except (UEDatasetsError, OSError) as e:
+            report.files.append(Finding(shown(reader.unit(src, src)), "", f"cannot be read ({e})"))
+            continue
+        published += found
+        readable.append(src)
+    return published, readable
+
+
+def _check_samples(protection: Protection, output: Source, clean: Source, sample: int | None,
+                   options: dict[str, Any], keep_fields: tuple[str, ...], device: str, seed: int, progress: bool,
+                   report: VerifyReport) -> None:
     """Match the samples of ``output`` and ``clean`` and compare the chosen ones (see the module docstring)."""
     kind = report.kind
-    pid = lambda r: (_unit(kind, output, r), r.key)  # noqa: E731
-    cid = lambda r: (_unit(kind, clean, r), r.key)  # noqa: E731
-    published = [(pid(r), _shown(kind, output, r)) for r in iter_records(output, **options)]
-    source_ids = [(cid(r), _shown(kind, clean, r)) for r in iter_records(clean, **options)]
-    in_output, in_source = {i for i, _ in published}, {i for i, _ in source_ids}
+    name = posixpath.basename(output.urls[0].rstrip("/"))
+
+    def shown(unit: str) -> str:
+        """The file (or dataset and split) a finding names: never a path of this machine."""
+        return name + unit if kind == "hf" else unit
+
+    skipped = skipped_keys(kind, output)
+    out_reader, clean_reader = _Reader(kind, output, options, skipped), _Reader(kind, clean, options)
+    source_ids = [i for i, _ in clean_reader.ids(clean_reader.inputs)]  # errors here are the caller's
+    published, readable = _read_output(out_reader, shown, report)
+    if kind == "hf" and not readable:
+        return
+    in_output, in_source = set(published), set(source_ids)
+    read = {out_reader.unit(src, src) for src in readable} if kind != "hf" else {u for u, _ in published}
+    broken = {out_reader.unit(src, src) for src in out_reader.inputs} - read if kind != "hf" else set()
     report.samples = len(published)
-    report.foreign = [SampleFinding(shown, i[1], "key not in the clean source") for i, shown in published
-                      if i not in in_source]
-    report.missing = [SampleFinding(shown, i[1], "not in the output") for i, shown in source_ids
-                      if i not in in_output]
-    common = list(dict.fromkeys(i for i, _ in published if i in in_source))
+    report.foreign = [SampleFinding(shown(u), k, "key not in the clean source") for u, k in published
+                      if (u, k) not in in_source]
+    for i in source_ids:
+        if i in in_output or i[0] in broken:  # an unreadable file is reported as such
+            continue
+        if i in skipped:
+            report.missing.append(SampleFinding(shown(i[0]), i[1], f"skipped at protect time: {skipped[i]}"))
+        else:
+            report.absent.append(SampleFinding(shown(i[0]), i[1], "not in the output, and its stats do not list it as "
+                                               "skipped" if i[0] in read else "its file is not in the output"))
+    common = list(dict.fromkeys(i for i in published if i in in_source))
     chosen = set(common if sample is None or sample >= len(common) else random.Random(seed).sample(common, sample))
-    labelled = needs_labels(protection)
-    records = iter_records(output, labels=labelled, **options)
-    pairs = _pairs(records, iter(iter_records(clean, **options)), chosen, pid, cid)
-    batch: list[tuple[Record, Record]] = []
+    pairs = _pairs(out_reader.ids(readable), clean_reader.ids(clean_reader.inputs), chosen)
+    batch: list[tuple[str, Record, Record]] = []
     with progress_bar(total=len(chosen), unit="sample", desc="verify", disable=not progress) as bar:
-        for p, c in pairs:
+        for (unit, key), p, c in pairs:
             bar.update(1)
             if c is None:
-                report.foreign.append(SampleFinding(_shown(kind, output, p), p.key,
-                                                    "key appears more often than in the clean source"))
+                report.foreign.append(SampleFinding(shown(unit), key, "key appears more often than in the clean source"))
                 continue
-            batch.append((p, c))
+            batch.append((shown(unit), p, c))
             if len(batch) == BATCH:
-                _classify(protection, batch, output, device, report)
+                _classify(protection, batch, options, keep_fields, device, report)
                 batch = []
-        _classify(protection, batch, output, device, report)
+        _classify(protection, batch, options, keep_fields, device, report)
 
 
 def verify(
     protection: Protection | str | os.PathLike[str],
     protected: str,
-    clean: str | None = None,
+    clean: str | Sequence[str] | None = None,
     sample: int | None = None,
     *,
     label_field: str | None = None,
     image_field: str | None = None,
     key_field: str | None = None,
+    keep_fields: str | Sequence[str] = (),
     device: str = "cpu",
+    encoder: str | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> VerifyReport:
@@ -280,31 +363,42 @@ def verify(
     Args:
         protection: a `Protection`, or an artifact directory (loaded and its digest checked).
         protected: the output of ``ue-datasets protect`` about to be published (any form it writes).
-        clean: the source it was protected from; without it pixels are not checked.
+        clean: the source it was protected from (one or several inputs, as protect's ``--input``);
+            without it pixels are not checked.
         sample: check this many samples, a random subset drawn with ``seed`` (default: all).
-        label_field, image_field, key_field: as given to ``ue-datasets protect``.
+        label_field, image_field, key_field, keep_fields: as given to ``ue-datasets protect``
+            (``image_field`` and ``keep_fields`` name fields of the clean samples).
         device: where the tensor core recomputes protections.
+        encoder: clusters protections only: where the surrogate encoder's weights are now (an encoder
+            spec, as for ``protect --encoder``).
         progress: show a progress bar on stderr.
 
     Raises:
-        UEDatasetsError: an unreadable artifact or source, a clean source of another form, a sample
-            whose image or label cannot be read at all (named by file and key).
+        UEDatasetsError: an unreadable artifact or clean source, a clean source of another form.
     """
     artifact = None if isinstance(protection, Protection) else str(protection)
     protection = as_protection(protection)
+    if encoder is not None:
+        from .clusters import use_encoder
+
+        protection = use_encoder(protection, encoder, device=device)
     if sample is not None and sample < 1:
         raise UEDatasetsError(f"sample must be >= 1, got {sample}")
     source = resolve(protected)
     report = VerifyReport(protected, protection.public(), source.kind, pixels_checked=clean is not None)
-    report.files, report.samples = _check_files(source, protection)
+    report.files, report.samples = check_files(protected, source, protection)
+    clean_list = field_names(clean) if clean is not None else ()
     if clean is not None:
-        other = resolve(clean).kind
-        if other != source.kind:
-            raise UEDatasetsError(f"{clean} is {KIND_NAMES[other]} and {protected} is {KIND_NAMES[source.kind]}; "
-                                  "give the source the output was protected from")
+        clean_source = resolve(list(clean_list))
+        if clean_source.kind != source.kind:
+            raise UEDatasetsError(f"{' '.join(clean_list)} is {KIND_NAMES[clean_source.kind]} and {protected} is "
+                                  f"{KIND_NAMES[source.kind]}; give the source the output was protected from")
         options = {"image_field": image_field, "label_field": label_field, "key_field": key_field}
-        _check_samples(protection, protected, clean, sample, options, device, seed, progress, report)
-    look_for = local_needles({"the protected output's path": protected, "the clean source's path": clean,
+        _check_samples(protection, source, clean_source, sample, options, field_names(keep_fields), device, seed,
+                       progress, report)
+    cleans = {"the clean source's path" + (f" ({i + 1} of {len(clean_list)})" if len(clean_list) > 1 else ""): c
+              for i, c in enumerate(clean_list)}
+    look_for = local_needles({"the protected output's path": protected, **cleans,
                               "the artifact directory's path": artifact}, protection.digest)
     report.leaks = scan(protected, look_for)
     return report
