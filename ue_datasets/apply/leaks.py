@@ -26,7 +26,8 @@ from ..artifact import FORMAT_NAME, MANIFEST, TENSORS
 from ..errors import SampleError, UEDatasetsError
 from .commit import LOCK_SUFFIX, PARTIAL_INFIX
 from .images import IMAGE_EXTENSIONS, looks_like_image
-from .sources import SHARD_SUFFIXES, resolve
+from .shards import PARQUET_SUFFIX, SHARD_SUFFIXES
+from .sources import resolve
 
 #: Findings listed per file; the rest are counted in one last finding.
 PER_FILE = 20
@@ -197,7 +198,7 @@ def _contents(fs: Any, path: str) -> Iterator[tuple[str, str]]:
     with fs.open(path, "rb") as f:
         if name.endswith(SHARD_SUFFIXES):
             yield from _tar_strings(f, name)
-        elif name.endswith(".parquet"):
+        elif name.endswith(PARQUET_SUFFIX):
             yield from _parquet_strings(f)
         elif name.endswith(".arrow"):
             yield from _arrow_strings(f)

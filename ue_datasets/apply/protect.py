@@ -140,17 +140,19 @@ def skip_limit(max_skipped: int | str, samples: int) -> int:
 
 
 def warn_if_protected(source: Source) -> None:
-    """Warn when the first input files are outputs of ue-datasets themselves (a stats file of ours
-    beside them): protecting protected data again is almost always a mistake of paths."""
-    for url in source.urls[:3] if source.kind != "hf" else []:
-        stats = read_json(stats_url(url))
+    """Warn when the input is an output of ue-datasets itself (a stats file of ours beside its first
+    files, or in its dataset directory): protecting protected data again is almost always a mistake of
+    paths."""
+    if source.kind == "hf":
+        places = [posixpath.join(source.urls[0], HF_STATS)]
+    else:
+        places = [stats_url(url) for url in source.urls[:3]]
+    for place in places:
+        stats = read_json(place)
         if stats and isinstance(stats.get("protection"), dict):
-            warnings.warn(f"{url} is itself an output of ue-datasets (protection {stats['protection'].get('id')}, "
-                          "see its stats file): it is being protected again", stacklevel=3)
+            warnings.warn(f"{place}: the input is itself an output of ue-datasets (protection "
+                          f"{stats['protection'].get('id')}); it is being protected again", stacklevel=3)
             return
-    if source.kind == "hf" and read_json(posixpath.join(source.urls[0], HF_STATS)):
-        warnings.warn(f"{source.urls[0]} is itself an output of ue-datasets (see its {HF_STATS}): it is being "
-                      "protected again", stacklevel=3)
 
 
 def protect(
@@ -207,22 +209,19 @@ def protect(
     """
     start = time.perf_counter()
     skip_limit(max_skipped, 0)  # a bad value fails before any work
-    src = os.fspath(src) if isinstance(src, os.PathLike) else src
-    source = resolve(src if isinstance(src, str) else [os.fspath(s) for s in src])
-    dst = os.fspath(dst)
+    source, dst = resolve(src), os.fspath(dst)
     protection = as_protection(protection)
     if encoder is not None:
         from .clusters import use_encoder
 
         protection = use_encoder(protection, encoder, device=device)
-    kind = source.kind
     warn_if_protected(source)
     options = ShardOptions(
-        label_field=label_field or ("cls" if kind == "wds" else "label"), image_field=image_field,
+        label_field=label_field or ("cls" if source.kind == "wds" else "label"), image_field=image_field,
         key_field=key_field, keep_fields=keep_fields, batch_size=batch_size, device=device, on_error=on_error,
         png_level=png_level, max_pixels=max_pixels,
     )
-    source, stats = protect_source(protection, source, dst, options, workers, overwrite, progress=progress)
+    _, stats = protect_source(protection, source, dst, options, workers, overwrite, progress=progress)
     result = ProtectResult(source.kind, dst, stats, time.perf_counter() - start)
     limit = skip_limit(max_skipped, result.samples)
     if len(result.skipped) > limit:

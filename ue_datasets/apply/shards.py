@@ -50,6 +50,9 @@ from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
 from .locations import check_output, check_output_name
 
 ON_ERROR = ("fail", "skip")
+#: Names of the files the rewriters read and write: webdataset shards, parquet files.
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIX = ".parquet"
 #: Images per call of the tensor core in the rewriters.
 DEFAULT_BATCH_SIZE = 256
 #: Seconds between looks at files another run is writing.
@@ -238,7 +241,7 @@ def plan(inputs: Sequence[str], output_dir: str, patterns: Sequence[str] | None 
     if isinstance(inputs, str):
         raise UEDatasetsError(f"inputs must be a list of files, got the string {inputs!r}")
     check_output_name(output_dir)  # before "" + "/" + name makes a file of the root folder
-    if output_dir.rstrip("/").endswith((".tar", ".tar.gz", ".tgz", ".parquet")):
+    if output_dir.rstrip("/").endswith((*SHARD_SUFFIXES, PARQUET_SUFFIX)):
         raise UEDatasetsError(f"{output_dir}: the output is a folder (each output file keeps its input's name), "
                               "not a file name; give a folder such as protected/")
     pairs, seen = [], {}

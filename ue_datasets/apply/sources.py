@@ -15,6 +15,7 @@ A source is one of:
 from __future__ import annotations
 
 import errno
+import os
 import posixpath
 import sys
 import tempfile
@@ -47,11 +48,10 @@ from .commit import (
 )
 from .core import needs_keys, selected
 from .locations import check_dataset_output
-from .shards import ShardOptions, other_protection
+from .shards import PARQUET_SUFFIX, SHARD_SUFFIXES, ShardOptions, other_protection
 
 HF_MARKERS = ("state.json", "dataset_dict.json")
 HF_STATS = "ue_datasets_stats.json"
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 KIND_NAMES = {"wds": "webdataset shards", "parquet": "parquet files", "hf": "a save_to_disk dataset"}
 
 
@@ -72,21 +72,21 @@ def _is_hf_dir(fs: Any, path: str) -> bool:
 def _kind_of(url: str) -> str | None:
     if url.endswith(SHARD_SUFFIXES):
         return "wds"
-    if url.endswith(".parquet"):
+    if url.endswith(PARQUET_SUFFIX):
         return "parquet"
     return None
 
 
-def resolve(src: str | Sequence[str]) -> Source:
+def resolve(src: str | os.PathLike | Sequence[str | os.PathLike]) -> Source:
     """Expand braces and globs and tell the kind of ``src`` (see the module docstring).
 
     ``src`` may also be several such inputs (``--input a/*.tar b/*.tar``, or the files an unquoted
     shell glob expanded to): they must all be shards or all parquet files; a dataset directory is
-    given alone.
+    given alone. Paths may be ``pathlib.Path``s.
     """
-    if isinstance(src, str):
-        return _resolve_one(src)
-    inputs = list(src)
+    if isinstance(src, (str, os.PathLike)):
+        return _resolve_one(os.fspath(src))
+    inputs = [os.fspath(s) for s in src]
     if not inputs:
         raise UEDatasetsError("no input given")
     if len(inputs) == 1:
