@@ -333,3 +333,16 @@ def test_verify_matches_table_rows_after_a_skipped_one_by_their_row_in_the_clean
     report = verify(prot, str(tmp_path / "out"), str(tmp_path / "pq"))
     assert report.ok and report.protected == 3, report.summary()
     assert [(f.file, f.key) for f in report.missing] == [("a.parquet", "1")]
+
+
+def test_the_verify_report_replaces_only_an_earlier_report(tmp_path, out, prot, capsys):
+    from ue_datasets.cli import main
+
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}\n')
+    args = ["verify", "--protection", prot, "--input", str(out), "--no-progress", "--device", "cpu"]
+    assert main([*args, "--report", str(notes)]) == 2
+    assert notes.read_text() == '{"mine": true}\n' and "not a verify report" in capsys.readouterr().err
+    report = tmp_path / "report.json"
+    assert main([*args, "--report", str(report)]) == 0 and main([*args, "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["ok"] is True

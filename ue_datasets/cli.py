@@ -101,16 +101,22 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    import os
+
+    from .apply.commit import read_json, write_json
     from .apply.verify import verify
 
+    if args.report and os.path.exists(args.report):  # replace only an earlier report, never a file of yours
+        previous = read_json(args.report)
+        if previous is None or not {"ok", "pixels_checked", "protection"} <= set(previous):
+            raise UEDatasetsError(f"{args.report}: exists and is not a verify report; nothing is replaced: "
+                                  "choose another --report file")
     report = verify(args.protection, args.input, args.clean, args.sample, label_field=args.label_field,
                     image_field=args.image_field, key_field=args.key_field, keep_fields=args.keep_field,
                     device=args.device, encoder=args.encoder, seed=args.seed, progress=not args.no_progress)
     print(report.summary())
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
-            f.write("\n")
+        write_json(args.report, report.to_dict())
     return 0 if report.ok else 1
 
 
