@@ -121,7 +121,7 @@ def test_bound_holds_after_quantisation(fitted, tmp_path):
 
 
 def test_rounding_is_half_up_and_values_clamp():
-    from ue_datasets.apply.clusters import add_delta
+    from ue_datasets.kernels.noise import add_delta
 
     x = torch.tensor([0, 10, 250, 255], dtype=torch.uint8).reshape(1, 1, 1, 4)
     delta = torch.tensor([-0.5 / 255, 0.5 / 255, 16 / 255, 16 / 255]).reshape(1, 1, 1, 4)

@@ -101,7 +101,7 @@ def test_batch_size_does_not_change_a_single_byte(protection, batch, monkeypatch
                        for s in range(0, 37, batch)])
     assert torch.equal(whole, parts)
     # Chunking inside the kernel does not matter either.
-    import ue_datasets.apply.convolution as conv
+    import ue_datasets.kernels.convolution as conv
 
     monkeypatch.setattr(conv, "_CPU_CHUNK_BYTES", 1)
     assert torch.equal(protect_batch(protection, x, labels=labels), whole)

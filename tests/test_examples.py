@@ -135,7 +135,8 @@ def readme_dir(tmp_path_factory):
     """The README's starting folder, and the stand-ins its commands run with."""
     root = _start_folder(tmp_path_factory.mktemp("readme"))
     stand_ins = {"open_clip:RN50-quickgelu:/models/rn50-openai.pt": _tiny_bundle(root / "models"),
-                 "--clusters 10": "--clusters 2 --mode fast --epochs 1", "--epochs 10": "--epochs 1"}
+                 "--clusters 10": "--clusters 2 --mode fast --epochs 1", "--epochs 10": "--epochs 1",
+                 "--max-rounds 10": "--max-rounds 1 --pgd-steps 2 --device cpu"}
     return root, stand_ins
 
 

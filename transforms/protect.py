@@ -89,9 +89,11 @@ class Protect(v2.Transform):
     Args:
         protection: a `Protection` or the directory of a saved artifact.
         labels_getter: ``inputs -> labels``; default: second tuple item or a ``label`` dict key.
-        keys_getter: ``inputs -> sample key(s)``, needed by protections that cover a fraction; used by
-            Unlearnable Clusters to find fitted samples' stored clusters.
+        keys_getter: ``inputs -> sample key(s)``, needed by protections that cover a fraction or keep
+            noise per sample (a noise bank); used by Unlearnable Clusters to find fitted samples' clusters.
         device: where to compute (``None``: where the image is; ``"auto"``: CUDA when available).
+        unfitted: images a sample-wise protection holds no noise for: ``"error"`` raises naming their
+            keys, ``"pass"`` returns them unprotected.
 
     torchvision's MNIST, CIFAR and ImageFolder datasets take no joint ``transforms=`` argument: wrap
     them in `ProtectedDataset` instead. In a joint pipeline of ``(image, label)`` samples:
@@ -115,10 +117,12 @@ class Protect(v2.Transform):
         labels_getter: Getter | None = default_labels_getter,
         keys_getter: Getter | None = None,
         device: torch.device | str | None = None,
+        unfitted: str = "error",
     ):
         super().__init__()
         self.protection = as_protection(protection)
         self.labels_getter, self.keys_getter, self.device = labels_getter, keys_getter, device
+        self.unfitted = unfitted
 
     def extra_repr(self) -> str:
         return f"method={self.protection.method}, id={self.protection.id}"
@@ -131,7 +135,8 @@ class Protect(v2.Transform):
             labels = self.labels_getter(inputs)
             out["labels"] = torch.as_tensor(labels).reshape(-1)
         if needs_keys(self.protection) and self.keys_getter is None:
-            raise UEDatasetsError("this protection covers a fraction of samples: give keys_getter=...")
+            raise UEDatasetsError("this protection needs each sample's key (it covers a fraction of the samples, or "
+                                  "keeps noise per sample): give keys_getter=...")
         if uses_keys(self.protection) and self.keys_getter is not None:
             out["keys"] = _keys(self.keys_getter(inputs))
         return out
@@ -139,7 +144,8 @@ class Protect(v2.Transform):
     def _protect(self, image: Any, conditions: dict[str, Any]) -> Any:
         x = _pixels(image)
         batched = x.ndim == 4
-        out = protect_batch(self.protection, x if batched else x[None], device=self.device, **conditions)
+        out = protect_batch(self.protection, x if batched else x[None], device=self.device, unfitted=self.unfitted,
+                            **conditions)
         return _restore(out if batched else out[0], image)
 
     def forward(self, *inputs: Any) -> Any:
@@ -165,17 +171,18 @@ class ProtectedDataset(torch.utils.data.Dataset):
 
     torchvision's MNIST, CIFAR and ImageFolder datasets take no joint ``transforms=`` argument, so the
     label-aware `Protect` goes around them: ``ProtectedDataset(FashionMNIST(root), protection)``. With a
-    protection that covers a fraction, the sample index is the key. Put further (label-blind)
-    transforms in ``then``.
+    protection that covers a fraction or keeps noise per sample, the sample index is the key. Put
+    further (label-blind) transforms in ``then``; ``unfitted`` as for `Protect`.
 
     A ``DataLoader`` with a ``batch_size`` fetches through `__getitems__`, which protects the whole
     batch in one core call per image size: the same pixels as sample by sample, several times faster
     (``recipes/bench_adapters.py``).
     """
 
-    def __init__(self, dataset: Any, protection: Protection | str | os.PathLike, then: Callable | None = None):
+    def __init__(self, dataset: Any, protection: Protection | str | os.PathLike, then: Callable | None = None,
+                 unfitted: str = "error"):
         self.dataset, self.then = dataset, then
-        self.protect = Protect(protection, keys_getter=lambda inputs: inputs[2])
+        self.protect = Protect(protection, keys_getter=lambda inputs: inputs[2], unfitted=unfitted)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -199,7 +206,8 @@ class ProtectedDataset(torch.utils.data.Dataset):
         labels = [label for _, label in samples]
         conditions = self.protect._conditions((None, labels, [str(i) for i in indices]))
         pixels = [_pixels(image) for image, _ in samples]
-        out = protect_batch(self.protect.protection, pixels, device=self.protect.device, **conditions)
+        out = protect_batch(self.protect.protection, pixels, device=self.protect.device,
+                            unfitted=self.protect.unfitted, **conditions)
         return [self._finish(_restore(x, image), label) for x, (image, label) in zip(out, samples)]
 
     def _finish(self, image: Any, label: Any) -> tuple[Any, Any]:
@@ -215,16 +223,22 @@ class ProtectBatch(torch.nn.Module):
     DataLoader workers.
     """
 
-    def __init__(self, protection: Protection | str | os.PathLike, device: torch.device | str | None = None):
+    def __init__(self, protection: Protection | str | os.PathLike, device: torch.device | str | None = None,
+                 unfitted: str = "error"):
         super().__init__()
         self.protection = as_protection(protection)
-        self.device = device
+        self.device, self.unfitted = device, unfitted
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor | None = None, keys: list[str] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return protect_batch(self.protection, images, labels=labels, keys=keys, device=self.device), labels
+        out = protect_batch(self.protection, images, labels=labels, keys=keys, device=self.device,
+                            unfitted=self.unfitted)
+        return out, labels
 
     def collate(self, batch: list[Any]) -> Any:
-        images, labels = default_collate(batch)[:2]
-        return self(images, labels)
+        """``collate_fn``: ``(image, label)`` samples, or ``(image, label, key)`` for protections that
+        find noise by key, to ``(protected images, labels)``."""
+        images, labels = default_collate([s[:2] for s in batch])
+        keys = [str(s[2]) for s in batch] if len(batch[0]) > 2 else None
+        return self(images, labels, keys)

@@ -6,6 +6,9 @@ On disk a protection is a directory with two files, loaded without pickle:
 * ``manifest.json``: format name and version, package version, method, its public parameters,
   the name, dtype and shape of each tensor, and a sha256 digest over method, parameters and tensors.
 
+and, for sample-wise noise methods, a ``bank/`` directory: the per-sample noise in sharded safetensors
+files (`ue_datasets.bank`), memory-mapped on load; its digest is one of the parameters.
+
 The artifact is the protector's secret: whoever holds it can regenerate the protection. What travels
 with protected data (shards, stats files, dataset fingerprints) names it only by its ``id``, a random
 128-bit identifier drawn at fit time. Never the digest: the digest is a function of the key, so a
@@ -32,6 +35,7 @@ from .version import ARTIFACT_FORMAT, __version__
 
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
+BANK = "bank"
 FORMAT_NAME = "ue-datasets-protection"
 
 
@@ -49,12 +53,16 @@ class Protection:
         tensors: the secret tensors, on any device; saved as contiguous CPU tensors.
         id: random public identifier (32 hex digits), the only name of the protection that outputs
             carry; drawn anew for every fit.
+        bank: the noise bank of a sample-wise protection (`ue_datasets.bank.Bank`, memory-mapped,
+            saved as ``bank/`` beside the tensors); ``params["bank"]`` records its digest, so the
+            protection's digest covers it.
     """
 
     method: str
     params: dict[str, Any]
     tensors: dict[str, torch.Tensor] = field(repr=False)
     id: str = field(default_factory=lambda: secrets.token_hex(16))
+    bank: Any = field(default=None, repr=False)
 
     @cached_property
     def digest(self) -> str:
@@ -94,11 +102,12 @@ class Protection:
             return self
         cache = self.__dict__.setdefault("_device_copies", {})
         if device not in cache:
-            cache[device] = Protection(self.method, self.params, {n: t.to(device) for n, t in self.tensors.items()}, self.id)
+            cache[device] = Protection(self.method, self.params, {n: t.to(device) for n, t in self.tensors.items()},
+                                       self.id, self.bank)
         return cache[device]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"method": self.method, "params": self.params, "tensors": self.tensors, "id": self.id}
+        return {"method": self.method, "params": self.params, "tensors": self.tensors, "id": self.id, "bank": self.bank}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -108,10 +117,13 @@ class Protection:
         from safetensors.torch import save_file
 
         out = Path(directory)
+        if "bank" in self.params and self.bank is None:
+            raise ArtifactError("this protection's parameters name a noise bank but none is attached; load it "
+                                "with load_protection, or attach the bank the fit returned")
         if out.exists() and any(out.iterdir()):
             if not overwrite:
                 raise ArtifactError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-            others = sorted(p.name for p in out.iterdir() if p.name not in (TENSORS, MANIFEST))
+            others = sorted(p.name for p in out.iterdir() if p.name not in (TENSORS, MANIFEST, BANK))
             if others or not (out / MANIFEST).is_file():
                 raise ArtifactError(f"{out}: is not a protection artifact ({', '.join(others) or 'no manifest'}); "
                                     "nothing in it is replaced: choose another directory")
@@ -119,6 +131,8 @@ class Protection:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         try:
             save_file({n: t.detach().to("cpu").contiguous() for n, t in self.tensors.items()}, tmp / TENSORS)
+            if self.bank is not None:
+                self.bank.copy_to(tmp / BANK)
             (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=2, sort_keys=True) + "\n")
             if out.exists():
                 shutil.rmtree(out)
@@ -173,7 +187,8 @@ def load_protection(directory: str | os.PathLike, device: torch.device | str = "
         raise ArtifactError(f"{directory}: missing {TENSORS}") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path}: unreadable or truncated tensor file ({e})") from None
-    protection = Protection(manifest["method"], manifest["params"], tensors, str(manifest["id"]))
+    protection = Protection(manifest["method"], manifest["params"], tensors, str(manifest["id"]),
+                            _open_bank(Path(directory), manifest["params"]))
     declared = manifest["tensors"]
     actual = protection.manifest()["tensors"]
     if declared != actual:
@@ -184,6 +199,21 @@ def load_protection(directory: str | os.PathLike, device: torch.device | str = "
             f"{protection.digest}; the artifact was modified or corrupted"
         )
     return protection.to(device) if torch.device(device).type != "cpu" else protection
+
+
+def _open_bank(directory: Path, params: dict[str, Any]) -> Any:
+    """The artifact's noise bank, opened memory-mapped (in time independent of its size), or None."""
+    if "bank" not in params:
+        return None
+    from .bank import Bank
+
+    bank = Bank.open(directory / BANK)
+    if bank.digest != params["bank"].get("digest"):
+        raise ArtifactError(
+            f"{directory / BANK}: digest mismatch: the manifest says {params['bank'].get('digest')}, the bank's "
+            f"manifest hashes to {bank.digest}; the bank was modified or belongs to another protection"
+        )
+    return bank
 
 
 def as_protection(protection: Protection | str | os.PathLike) -> Protection:

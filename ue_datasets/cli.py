@@ -52,11 +52,61 @@ def _fit_clusters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_em(args: argparse.Namespace) -> int:
+    """``fit em`` and ``fit salm``: fit into a cache beside the output, save, then drop the cache."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .artifact import ArtifactError
+    from .fit import fit_em, fit_salm
+    from .fit.em import remove_cache
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ArtifactError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    cache = args.cache or f"{str(out).rstrip('/')}.cache"
+    options = dict(
+        label_field=args.label_field, image_field=args.image_field, key_field=args.key_field,
+        num_classes=args.num_classes, surrogate=args.surrogate, eps=args.eps, step_size=args.step_size,
+        pgd_steps=args.pgd_steps, train_steps=args.train_steps, stop_accuracy=args.stop_accuracy,
+        max_rounds=args.max_rounds, batch_size=args.batch_size, lr=args.lr, legacy_clamp=args.legacy_clamp,
+        device=args.device, seed=args.seed, cache_dir=cache, keep_cache=True, limit=args.limit,
+        progress=not args.no_progress,
+    )
+    src = args.input[0] if len(args.input) == 1 else args.input
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A sample-wise noise bank is written into a folder of this run's own, linked into the artifact, removed.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.bank-", dir=out.parent))
+    bank = scratch / "bank"
+    try:
+        if args.method == "em":
+            protection = fit_em(src, mode=args.mode, subset=args.subset, resolution=args.resolution,
+                                bank_dir=bank, **options)
+        else:
+            protection = fit_salm(src, mask_ratio=args.mask_ratio, mask_criterion=args.mask_criterion,
+                                  mask_refresh=args.mask_refresh, bank_dir=bank, **options)
+        protection.save(out, overwrite=args.overwrite)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not args.keep_cache:  # only once the artifact is safely written
+        remove_cache(cache, args.method)
+    p = protection.params
+    history = ", ".join(f"{100 * a:.1f}" for a in p["accuracy_history"][-5:])
+    print(f"fitted {protection.method} ({p['mode']}): {p['samples']} images, {p['num_classes']} classes, "
+          f"eps {p['eps'] * 255:.1f}/255, {p['rounds']} rounds (stopped by {p['stopped']}; surrogate accuracy "
+          f"on protected images, last rounds: {history} %) -> {out} (id {protection.id})")
+    print("keep this directory secret: it holds the noise")
+    return 0
+
+
 def _fit(args: argparse.Namespace) -> int:
     from .fit import fit_convolution
 
     if args.method == "clusters":
         return _fit_clusters(args)
+    if args.method in ("em", "salm"):
+        return _fit_em(args)
 
     protection = fit_convolution(
         args.num_classes, args.key, kernel_size=args.kernel_size, blur=args.blur, universal=args.universal,
@@ -77,7 +127,7 @@ def _protect(args: argparse.Namespace) -> int:
             args.input, args.output, args.protection, label_field=args.label_field, image_field=args.image_field,
             key_field=args.key_field, keep_fields=args.keep_field, batch_size=args.batch_size, device=args.device,
             encoder=args.encoder, on_error=args.on_error, max_skipped=args.max_skipped, png_level=args.png_level,
-            max_pixels=args.max_pixels, workers=args.workers, overwrite=args.overwrite,
+            max_pixels=args.max_pixels, unfitted=args.unfitted, workers=args.workers, overwrite=args.overwrite,
             progress=not args.no_progress,
         )
     except TooManySkipped as e:
@@ -93,10 +143,14 @@ def _protect(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from .artifact import load_protection, read_manifest
 
-    manifest = load_protection(args.artifact).manifest() if args.verify else read_manifest(args.artifact)
+    protection = load_protection(args.artifact) if args.verify else None
+    manifest = protection.manifest() if protection is not None else read_manifest(args.artifact)
     print(json.dumps(manifest, indent=2, sort_keys=True))
-    if args.verify:
-        print("digest verified", file=sys.stderr)
+    if protection is not None:
+        if protection.bank is not None:  # every shard re-hashed against the bank's manifest
+            protection.bank.verify()
+        bank = f" (and its noise bank, {protection.bank.entries} entries)" if protection.bank is not None else ""
+        print(f"digest verified{bank}", file=sys.stderr)
     return 0
 
 

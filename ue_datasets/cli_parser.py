@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_fit_parser import add_fit_parsers
+from .cli_types import positive
 from .version import __version__
 
 #: Kept equal to `ue_datasets.apply.images.DEFAULT_MAX_PIXELS` (a test checks it) so that `--help`
@@ -23,20 +25,6 @@ regenerate the protection); `protect` applies it to a dataset; `verify` checks a
 before you publish it; `inspect` shows what an artifact is; `audit` measures how well it protects.
 Try `ue-datasets demo` first: it protects a small real sample shipped with the package.
 """
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,84 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ue-datasets {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    fit = sub.add_parser("fit", help="compute a protection and save it as an artifact directory",
-                         description="Compute a protection and save it as an artifact directory.")
-    methods = fit.add_subparsers(dest="method", required=True, metavar="METHOD")
-    cuda = methods.add_parser(
-        "cuda",
-        formatter_class=fmt,
-        help="CUDA: class-wise convolution filters from a private key (Sadasivan et al., CVPR 2023)",
-        description=(
-            "CUDA (Convolution-based Unlearnable DAtaset): every image is convolved with its class's k x k "
-            "filter (entries U(0, blur), one entry 1) and divided by its maximum. The key reproduces the "
-            "official code's filters (numpy seed). Needs labels at protect time. Not bounded in L-inf: "
-            "images get visibly blurred, more so with larger --blur and --kernel-size."
-        ),
-    )
-    cuda.add_argument("--num-classes", type=_positive, required=True, help="number of classes; labels are 0..N-1")
-    cuda.add_argument("--key", type=int, required=True, help="private integer key in [0, 2**32) (numpy seed)")
-    cuda.add_argument("--kernel-size", type=int, default=3, help="odd filter size k (paper: 3 CIFAR, 9 ImageNet-100)")
-    cuda.add_argument("--blur", type=float, default=0.3, help="p_b, bound of the filter entries (paper: 0.3 CIFAR, 0.06 ImageNet)")
-    cuda.add_argument("--universal", action="store_true", help="one filter for every class (the paper's ablation)")
-    cuda.add_argument("--grayscale", action="store_true", help="set every channel to the channel mean after filtering")
-    cuda.add_argument("--fraction", type=_fraction, default=1.0,
-                      help="share of samples protected, chosen from the key and each sample's key")
-    cuda.add_argument("--quantize", choices=("truncate", "round"), default="truncate",
-                      help="float to uint8: truncate as the official code, or round half up")
-    cuda.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    cuda.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
-
-    uc = methods.add_parser(
-        "clusters",
-        formatter_class=fmt,
-        help="Unlearnable Clusters: label-agnostic cluster-wise noise with a surrogate encoder (Zhang et al., CVPR 2023)",
-        description=(
-            "Unlearnable Clusters: embed every image with a surrogate encoder, cluster the features with "
-            "k-means (no labels are read), and optimise one L-inf bounded perturbation per cluster that moves "
-            "the surrogate features of its images towards the next cluster's center. The data stays "
-            "unlearnable however an attacker labels it. Stages: features (cached in --cache, resumable), "
-            "k-means, perturbations. ENCODER: open_clip:MODEL:TAG (from the local Hugging Face cache), "
-            "open_clip:MODEL:/path/checkpoint.pt, local-dir:/path (an open_clip bundle), "
-            "torchvision:NAME:/path/weights.pth (penultimate features; without weights a random network, for tests "
-            "only). Nothing is downloaded when offline."
-        ),
-    )
-    uc.add_argument("--input", required=True, nargs="+", metavar="SRC",
-                    help="images to fit on: shards, a dataset directory or parquet files (several allowed)")
-    uc.add_argument("--encoder", required=True, metavar="SPEC", help="surrogate encoder (see above)")
-    uc.add_argument("--clusters", type=_positive, default=10, metavar="K", help="number of clusters (reference: 10)")
-    uc.add_argument("--eps", default="16/255", help="L-inf bound, a fraction such as 16/255 or a number")
-    uc.add_argument("--mode", choices=("faithful", "fast"), default="faithful",
-                    help="faithful: one ResNet generator per cluster, as the reference code; fast: all deltas "
-                         "optimised directly in the same pass (ours, K times cheaper per epoch)")
-    uc.add_argument("--cluster-data", choices=("all", "members"), default="all",
-                    help="images each delta trains on: all of them (reference code) or its cluster's members")
-    uc.add_argument("--epochs", type=_positive, default=None,
-                    help="passes over the data (per cluster when faithful); default 50 faithful, 10 fast")
-    uc.add_argument("--lr", type=float, default=None,
-                    help="Adam learning rate (faithful, 1e-4) or signed step as a fraction of eps (fast, 0.1)")
-    uc.add_argument("--batch-size", type=_positive, default=256, help="images per batch")
-    uc.add_argument("--resolution", type=_positive, default=None,
-                    help="side of the stored perturbations, a multiple of 4 (default: the encoder's input size); "
-                         "resized to each image's size with nearest-neighbour interpolation")
-    uc.add_argument("--image-size", type=_positive, default=None, help="encoder input size (overrides the spec's)")
-    uc.add_argument("--mean", default=None, help="encoder normalisation mean, 'r,g,b' (overrides the spec's)")
-    uc.add_argument("--std", default=None, help="encoder normalisation std, 'r,g,b' (overrides the spec's)")
-    uc.add_argument("--image-field", default=None, help="field/column with the image (default: auto / 'image')")
-    uc.add_argument("--key-field", default=None,
-                    help="column of stable sample keys for datasets and parquet (default: row index), as for protect")
-    uc.add_argument("--limit", type=_positive, default=None, help="fit on the first N samples only")
-    uc.add_argument("--seed", type=int, default=0, help="seed of k-means and of the perturbation training")
-    uc.add_argument("--kmeans", choices=("full", "minibatch"), default="full",
-                    help="k-means on all features at once, or mini-batch k-means streamed from the feature cache "
-                         "(for feature sets larger than memory)")
-    uc.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    uc.add_argument("--cache", default=None, metavar="DIR",
-                    help="feature cache and checkpoints (default: OUTPUT.cache); rerun to resume")
-    uc.add_argument("--keep-cache", action="store_true", help="keep the cache after a successful fit")
-    uc.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    uc.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
-    uc.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_fit_parsers(sub, fmt)
 
     protect = sub.add_parser(
         "protect",
@@ -184,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="clusters artifacts only: where the surrogate encoder's weights are now (moved, another "
                               "machine), as for `fit clusters --encoder`; they must be the fitted weights (digest "
                               "checked), and the fitted preprocessing is kept")
-    protect.add_argument("--workers", type=_positive, default=1, help="processes, each protecting whole shards/files")
-    protect.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="images per batch of the tensor core")
+    protect.add_argument("--workers", type=positive, default=1, help="processes, each protecting whole shards/files")
+    protect.add_argument("--batch-size", type=positive, default=DEFAULT_BATCH_SIZE, help="images per batch of the tensor core")
     protect.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                          help="on a bad sample: stop with an error, or leave it out and record it in the stats")
     protect.add_argument("--max-skipped", default=DEFAULT_MAX_SKIPPED, metavar="N|P%",
@@ -197,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--keep-field", action="append", default=[], metavar="FIELD",
                          help="a field/column that holds images but is published unprotected (a segmentation "
                               "mask, say); repeat for several. Every other image is protected or its sample fails")
-    protect.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, metavar="N",
+    protect.add_argument("--unfitted", choices=("error", "pass"), default="error",
+                         help="a sample the protection holds no noise for (a sample-wise EM or SALM bank fitted on "
+                              "other data, or whose pixels differ): error (it fails, or is skipped with --on-error "
+                              "skip), or pass it through unprotected and count it as `unprotected` in the stats")
+    protect.add_argument("--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS, metavar="N",
                          help="refuse images that declare more than N pixels (width x height), before decoding "
                               "(Pillow itself refuses more than 2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 million)")
     protect.add_argument("--overwrite", action="store_true",
@@ -208,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Print an artifact's manifest: method, parameters, versions, digest. "
                                          "The secret tensors are not printed; the key is not stored.")
     inspect.add_argument("artifact", metavar="DIR", help="artifact directory")
-    inspect.add_argument("--verify", action="store_true", help="also load the tensors and check the digest")
+    inspect.add_argument("--verify", action="store_true",
+                         help="also load the tensors and check the digest (and re-hash a noise bank's every file)")
 
     verify = sub.add_parser(
         "verify", formatter_class=fmt,
@@ -227,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--clean", metavar="SRC", nargs="+", default=None,
                         help="the source it was protected from, as given to protect's --input (several shard or "
                              "parquet inputs may follow); without it pixels are not checked, only stats")
-    verify.add_argument("--sample", type=_positive, default=None, metavar="N",
+    verify.add_argument("--sample", type=positive, default=None, metavar="N",
                         help="check N samples drawn at random (default: all)")
     verify.add_argument("--seed", type=int, default=0, help="seed of the --sample draw")
     verify.add_argument("--label-field", default=None,
@@ -267,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--key-field", default=None, help="column of sample keys for tables (default: row index)")
     audit.add_argument("--model", default="small-cnn",
                        help="small-cnn (CPU-fast), resnet18 (CIFAR-style) or any torchvision classifier name")
-    audit.add_argument("--epochs", type=_positive, default=10, help="training epochs per setting")
-    audit.add_argument("--batch-size", type=_positive, default=128, help="training batch size")
+    audit.add_argument("--epochs", type=positive, default=10, help="training epochs per setting")
+    audit.add_argument("--batch-size", type=positive, default=128, help="training batch size")
     audit.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9, cosine schedule)")
     audit.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and random defenses")
     audit.add_argument("--defense", default="none",
@@ -280,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--probe", action="store_true",
                        help="also report a linear probe on a SimCLR encoder trained on each set without labels")
     audit.add_argument("--no-baseline", action="store_true", help="do not train on the clean set")
-    audit.add_argument("--image-size", type=_positive, default=None, help="resize images to SIZE x SIZE on loading")
-    audit.add_argument("--limit", type=_positive, default=None, help="use at most N training samples per set")
+    audit.add_argument("--image-size", type=positive, default=None, help="resize images to SIZE x SIZE on loading")
+    audit.add_argument("--limit", type=positive, default=None, help="use at most N training samples per set")
     audit.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     audit.add_argument("-o", "--output", required=True, metavar="REPORT_DIR", help="folder for the report")
     audit.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -1,4 +1,4 @@
-"""Apply Unlearnable Clusters: add the perturbation of each image's cluster.
+"""Apply Unlearnable Clusters: the ``cluster`` lookup, each image takes its cluster's perturbation.
 
 An image fitted with the protection keeps the cluster it was given at fit time: the artifact stores
 each fitted sample's key, cluster and a checksum of its pixels, and a sample whose key and pixels both
@@ -7,7 +7,8 @@ as row indices of another split do) is embedded with the protection's surrogate 
 per process and device, and takes the nearest center. Fitted assignments are the nearest centers of
 their features too, so both paths agree up to float rounding in the encoder.
 
-The perturbation ``delta_k`` is stored at a reference resolution R x R and resized to each image's
+The perturbation ``delta_k`` is added by the kernel every noise method shares
+(`ue_datasets.kernels.noise.add_delta`): stored at a reference resolution R x R, it is resized to each image's
 size with nearest-neighbour interpolation (``F.interpolate(mode="nearest")``, the reference code's
 ``resize_type: noise``), which keeps every value of delta and so the L-inf bound. A one-channel delta
 is used on every colour channel; a three-channel delta on a grayscale image is averaged over its
@@ -18,54 +19,22 @@ reference's ``save_image`` does: ``|x~ - x| <= floor(255 * eps + 0.5)`` grey lev
 from __future__ import annotations
 
 import copy
-import itertools
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..artifact import Protection
 from ..errors import UEDatasetsError
+from ..kernels.nearest import nearest_center
+from ..kernels.samples import decode_keys, pixel_checksum
+from .noise import register_lookup
 
 _ENCODERS: dict[tuple[str, str], Any] = {}
 _TABLES: dict[str, dict[str, tuple[int, tuple[int, int]]]] = {}
 _LOCK = threading.Lock()
-
-
-def pixel_checksum(x: torch.Tensor) -> torch.Tensor:
-    """Two position-weighted sums of each image's bytes, exact on every device.
-
-    Args:
-        x: uint8 ``(B, C, H, W)``.
-
-    Returns:
-        int64 ``(B, 2)``. Weights are below 2**24, so sums stay exact up to 2**30 values per image.
-    """
-    flat = x.reshape(x.shape[0], -1)
-    idx = torch.arange(flat.shape[1], device=x.device, dtype=torch.int64)
-    w1 = (idx * 2654435761 + 97) % 16777213 + 1
-    w2 = (idx * 40503 + 12345) % 16777199 + 1
-    rows = [torch.stack([(r.to(torch.int64) * w1).sum(), (r.to(torch.int64) * w2).sum()]) for r in flat]
-    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64, device=x.device)
-
-
-def encode_keys(keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys as safetensors can hold them: UTF-8 bytes ``(L,)`` uint8 and offsets ``(N + 1,)`` int64."""
-    data = [k.encode() for k in keys]
-    offsets = torch.zeros(len(data) + 1, dtype=torch.int64)
-    if data:
-        offsets[1:] = torch.tensor([len(d) for d in data], dtype=torch.int64).cumsum(0)
-    return torch.frombuffer(bytearray(b"".join(data)) or bytearray(1), dtype=torch.uint8)[: int(offsets[-1])].clone(), offsets
-
-
-def decode_keys(data: torch.Tensor, offsets: torch.Tensor) -> list[str]:
-    """Inverse of `encode_keys`."""
-    raw = bytes(data.cpu().numpy().tobytes())
-    bounds = offsets.tolist()
-    return [raw[a:b].decode() for a, b in itertools.pairwise(bounds)]
 
 
 def fitted_table(protection: Protection) -> dict[str, tuple[int, tuple[int, int]]]:
@@ -203,8 +172,6 @@ def assign_clusters(protection: Protection, x: torch.Tensor, keys: Sequence[str]
                     clusters[i] = hit[0]
     todo = (clusters < 0).nonzero().squeeze(1)
     if todo.numel():
-        from ..fit.kmeans import nearest_center
-
         encoder = encoder_for(protection, x.device)
         feats = encoder.encode(x[todo.to(x.device)]).to(x.device)
         centers = protection.tensors["centers"].to(x.device)
@@ -212,22 +179,7 @@ def assign_clusters(protection: Protection, x: torch.Tensor, keys: Sequence[str]
     return clusters.to(x.device)
 
 
-def add_delta(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``round_half_up(255 * clamp(x / 255 + delta, 0, 1))``.
-
-    Args:
-        x: uint8 ``(B, C, H, W)``, C = 1 or 3.
-        delta: float32 ``(B, Cd, R, R)`` in [-eps, eps], Cd = 1 or 3; resized to H x W (nearest).
-    """
-    if delta.shape[-2:] != x.shape[-2:]:
-        delta = F.interpolate(delta, size=tuple(x.shape[-2:]), mode="nearest")
-    if delta.shape[1] != x.shape[1]:
-        delta = delta.mean(1, keepdim=True) if x.shape[1] == 1 else delta.expand(-1, x.shape[1], -1, -1)
-    y = x.to(torch.float32).div_(255).add_(delta).clamp_(0, 1)
-    return y.mul_(255).add_(0.5).floor_().to(torch.uint8)
-
-
-def apply_clusters(protection: Protection, x: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
-    """Kernel of the ``clusters`` method: uint8 ``(B, C, H, W)`` in, the same out (C = 1 or 3)."""
-    clusters = assign_clusters(protection, x, keys)
-    return add_delta(x, protection.tensors["deltas"][clusters])
+@register_lookup("cluster", uses={"keys"})
+def delta_by_cluster(protection: Protection, x: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
+    """Lookup of the ``clusters`` method: ``deltas[cluster]``, float32 ``(B, C, R, R)`` (`assign_clusters`)."""
+    return protection.tensors["deltas"][assign_clusters(protection, x, keys)]

@@ -1,18 +1,6 @@
-"""Apply kernel of CUDA (method ``convolution``): class-wise depthwise filtering, then division by the max.
+"""Apply CUDA (method ``convolution``): each image is filtered with its class's filter.
 
-For a uint8 image x of class y with filter s_y (k x k, the same on every colour channel):
-
-    z = x * s_y          (depthwise correlation, zero padding k // 2, as ``torch.nn.Conv2d``)
-    z = mean_c(z)        (only with ``grayscale``: every channel set to the channel mean)
-    x~ = z / max(z)      (one scalar over C, H, W)
-    out = trunc(x~ * 255)   or round-half-up with ``quantize="round"``
-
-Arithmetic is float32 on the input's device. The correlation is a fixed sequence of k*k separately
-rounded multiply and add passes over chunks of the batch, so every image's bytes depend on that image
-alone: identical at any batch size, chunking and worker count. It works in 0..255 units, where the
-official code divides by 255 first; the max division cancels the scale, but since the official cuDNN
-summation order is unspecified anyway, a pixel may differ by one level from it at a truncation
-boundary. An all-black image stays black (the max is guarded).
+The kernel, its arithmetic and its determinism: `ue_datasets.kernels.convolution`.
 """
 
 from __future__ import annotations
@@ -20,47 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..artifact import Protection
-
-#: Bytes of float32 input per chunk on CPU: a few images, so the passes stay in cache.
-_CPU_CHUNK_BYTES = 4 << 20
-
-
-def _chunk_size(x: torch.Tensor) -> int:
-    if x.device.type != "cpu":
-        return x.shape[0]
-    return max(1, _CPU_CHUNK_BYTES // (4 * x[0].numel()))
-
-
-def convolve(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
-    """Per-sample depthwise correlation with zero padding ``k // 2``.
-
-    Tap by tap, each output pixel accumulates ``x[y + i - p, x + j - p] * w[i, j]`` in the order
-    ``(i, j) = (0, 0), (0, 1), ...``; taps that fall on the zero padding are skipped (adding 0 changes
-    no float sum), so no padded copy is made.
-
-    Args:
-        x: ``(B, C, H, W)`` float32.
-        filters: ``(B, k, k)`` float32, one filter per sample, shared by its channels.
-
-    Returns:
-        ``(B, C, H, W)`` float32.
-    """
-    b, _, h, w = x.shape
-    k = filters.shape[-1]
-    p = k // 2
-    out = torch.zeros_like(x)
-    tmp = torch.empty_like(x)
-    weights = filters.reshape(b, 1, k, k)
-    for i in range(k):
-        for j in range(k):
-            dy, dx = i - p, j - p
-            y0, y1, x0, x1 = max(0, -dy), h - max(0, dy), max(0, -dx), w - max(0, dx)
-            if y0 >= y1 or x0 >= x1:
-                continue
-            t = tmp[:, :, y0:y1, x0:x1]
-            torch.mul(x[:, :, y0 + dy : y1 + dy, x0 + dx : x1 + dx], weights[:, :, i : i + 1, j : j + 1], out=t)
-            out[:, :, y0:y1, x0:x1] += t
-    return out
+from ..kernels.convolution import filter_images
 
 
 def apply_convolution(protection: Protection, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -76,16 +24,4 @@ def apply_convolution(protection: Protection, x: torch.Tensor, labels: torch.Ten
     """
     params = protection.params
     filters = protection.tensors["filters"].to(x.device)[labels.to(x.device)]
-    out = torch.empty_like(x)
-    step = _chunk_size(x)
-    for s in range(0, x.shape[0], step):
-        z = convolve(x[s : s + step].to(torch.float32), filters[s : s + step])
-        if params["grayscale"]:
-            z = z.mean(dim=1, keepdim=True).expand_as(z).contiguous()
-        peak = z.amax(dim=(1, 2, 3), keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
-        # z / peak <= 1 exactly in float32, so the product stays in [0, 255]; the cast truncates.
-        z = z.div_(peak).mul_(255)
-        if params["quantize"] == "round":
-            z = z.add_(0.5)
-        out[s : s + step] = z.to(torch.uint8)
-    return out
+    return filter_images(x, filters, params["grayscale"], params["quantize"])

@@ -22,10 +22,16 @@ import torch
 
 from ..artifact import Protection
 from ..errors import UEDatasetsError
-from .clusters import apply_clusters
+from . import bank as _bank  # noqa: F401  (registers the "key" lookup)
+from . import clusters as _clusters  # noqa: F401  (registers the "cluster" lookup)
 from .convolution import apply_convolution
+from .noise import NOISE_METHODS, apply_noise, lookup_of
 
 Kernel = Callable[..., torch.Tensor]
+
+#: What `protect_batch` does with samples a protection holds no delta for (a sample-wise bank fitted
+#: on other data): ``error`` names them, ``pass`` leaves them unprotected (the adapters count them).
+UNFITTED = ("error", "pass")
 
 
 @dataclass(frozen=True)
@@ -34,15 +40,17 @@ class Method:
 
     Attributes:
         kernel: ``kernel(protection, x uint8 (B, C, H, W), **conditions) -> uint8 (B, C, H, W)``.
-        labels: the kernel takes class ids (``labels``).
+        needs: conditions (``labels``, ``keys``) the kernel cannot do without.
+        uses: conditions the kernel uses when they are given.
         label_range: name of the parameter that bounds labels (``num_classes``), if any.
-        keys: the kernel takes the sample keys (``keys``, a list of str or ``None``) when given.
+        covers: ``covers(protection, x, keys) -> bool (B,)``, which samples it can protect; ``None``: all.
     """
 
     kernel: Kernel
-    labels: bool = False
+    needs: frozenset[str] = frozenset()
+    uses: frozenset[str] = frozenset()
     label_range: str | None = None
-    keys: bool = False
+    covers: Callable[..., torch.Tensor] | None = None
 
 
 def _identity(protection: Protection, x: torch.Tensor, **_: object) -> torch.Tensor:
@@ -50,9 +58,7 @@ def _identity(protection: Protection, x: torch.Tensor, **_: object) -> torch.Ten
 
 
 METHODS: dict[str, Method] = {
-    "convolution": Method(apply_convolution, labels=True, label_range="num_classes"),
-    # Unlearnable Clusters: label-agnostic; keys find fitted samples' stored clusters.
-    "clusters": Method(apply_clusters, keys=True),
+    "convolution": Method(apply_convolution, needs=frozenset({"labels"}), label_range="num_classes"),
     # Decodes and re-encodes without changing a pixel: the floor of benchmarks and audit baselines.
     "identity": Method(_identity),
 }
@@ -64,27 +70,40 @@ def identity_protection() -> Protection:
 
 
 def method_of(protection: Protection) -> Method:
+    """How to apply ``protection``: its method's kernel, or the noise kernel with its lookup's conditions."""
+    if protection.method in NOISE_METHODS:
+        lookup = lookup_of(protection)
+        return Method(apply_noise, lookup.needs, lookup.uses, lookup.label_range, lookup.covers)
     try:
         return METHODS[protection.method]
     except KeyError:
         raise UEDatasetsError(
-            f"unknown protection method {protection.method!r}; this ue-datasets applies {sorted(METHODS)}"
+            f"unknown protection method {protection.method!r}; this ue-datasets applies "
+            f"{sorted([*METHODS, *NOISE_METHODS])}"
         ) from None
 
 
 def needs_labels(protection: Protection) -> bool:
     """Whether applying ``protection`` needs a class id per sample."""
-    return method_of(protection).labels
+    return "labels" in method_of(protection).needs
 
 
 def needs_keys(protection: Protection) -> bool:
-    """Whether applying ``protection`` needs a stable key per sample (a partial protection does)."""
-    return protection.params.get("fraction", 1.0) < 1.0
+    """Whether applying ``protection`` needs a stable key per sample (a partial or sample-wise one does)."""
+    return protection.params.get("fraction", 1.0) < 1.0 or "keys" in method_of(protection).needs
 
 
 def uses_keys(protection: Protection) -> bool:
     """Whether applying ``protection`` needs or makes use of sample keys when they are given."""
-    return needs_keys(protection) or method_of(protection).keys
+    return needs_keys(protection) or "keys" in method_of(protection).uses
+
+
+def uncovered(protection: Protection, x: torch.Tensor, keys: Sequence[str] | None) -> torch.Tensor:
+    """Which images of ``x`` (uint8 ``(B, C, H, W)``) ``protection`` holds no delta for: bool ``(B,)``."""
+    covers = method_of(protection).covers
+    if covers is None:
+        return torch.zeros(x.shape[0], dtype=torch.bool)
+    return ~covers(protection, x, keys).cpu()
 
 
 def check_label(protection: Protection, label: object) -> str | None:
@@ -140,7 +159,7 @@ def _take(v: torch.Tensor | list | None, idx: torch.Tensor) -> torch.Tensor | li
 
 
 def _protect_uint8(
-    protection: Protection, x: torch.Tensor, labels: torch.Tensor | None, keys: Sequence[str] | None
+    protection: Protection, x: torch.Tensor, labels: torch.Tensor | None, keys: Sequence[str] | None, unfitted: str
 ) -> torch.Tensor:
     """Core on one stack of same-size uint8 images ``(B, C, H, W)``, C in 1..4."""
     method = method_of(protection)
@@ -152,10 +171,12 @@ def _protect_uint8(
     if needs_keys(protection):
         if keys is None or len(keys) != x.shape[0]:
             got = "no keys" if keys is None else f"{len(keys)} keys"
-            raise UEDatasetsError(f"this protection covers a fraction of the samples: pass one key per image ({got} for {x.shape[0]})")
+            why = ("covers a fraction of the samples" if protection.params.get("fraction", 1.0) < 1.0
+                   else "finds each sample's noise by its key")
+            raise UEDatasetsError(f"this protection {why}: pass one key per image ({got} for {x.shape[0]})")
         mask = selected(protection, keys).to(x.device)
     kwargs = {}
-    if method.labels:
+    if "labels" in method.needs:
         if labels is None:
             raise UEDatasetsError(f"method {protection.method!r} needs a class label per sample")
         labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
@@ -166,8 +187,20 @@ def _protect_uint8(
             bad = [i for i, v in enumerate(labels.tolist()) if not 0 <= v < bound]
             raise UEDatasetsError(f"labels out of range [0, {bound}) at batch positions {bad[:10]}")
         kwargs["labels"] = labels
-    if method.keys:
+    if "keys" in method.needs | method.uses:
         kwargs["keys"] = None if keys is None else [str(k) for k in keys]
+    if method.covers is not None:
+        missing = uncovered(protection, colour, kwargs.get("keys"))
+        if bool(missing.any()):
+            if unfitted != "pass":
+                named = [str(keys[i]) if keys is not None else f"#{i}" for i in missing.nonzero().squeeze(1).tolist()]
+                raise UEDatasetsError(
+                    f"the protection holds no noise for {len(named)} of these samples (keys {named[:5]}): it was "
+                    "fitted on other samples, or their pixels differ from the fitted ones; protect them with "
+                    "--unfitted pass (unfitted='pass') to let them through unprotected"
+                )
+            covered = ~missing.to(x.device)
+            mask = covered if mask is None else mask & covered
     if mask is not None and not bool(mask.all()):
         out = colour.clone()
         if bool(mask.any()):
@@ -185,6 +218,7 @@ def protect_batch(
     labels: torch.Tensor | Sequence[int] | None = None,
     keys: Sequence[str] | None = None,
     device: torch.device | str | None = None,
+    unfitted: str = "error",
 ) -> torch.Tensor | list[torch.Tensor]:
     """Protect a batch of images.
 
@@ -194,10 +228,12 @@ def protect_batch(
             0..255 or float in [0, 1] (float is quantised to uint8 first, the result returned as
             float ``/ 255``). C = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA); alpha is kept.
         labels: one class id per image, where the method needs them.
-        keys: one stable sample key per image, where the protection covers a fraction; methods that
-            store per-sample state (Unlearnable Clusters) use them when given.
+        keys: one stable sample key per image, where the protection covers a fraction or finds noise
+            by key (a noise bank); Unlearnable Clusters uses them when given.
         device: where to compute; ``None`` computes where the images are, ``"auto"`` on CUDA when
             available. The result goes back to the images' device.
+        unfitted: samples the protection holds no noise for (one of `UNFITTED`): ``"error"`` raises
+            naming their keys, ``"pass"`` returns them unchanged (`uncovered` tells which they are).
 
     Returns:
         Protected images of the same type, dtype, shapes and device as ``images``. Deterministic:
@@ -211,7 +247,9 @@ def protect_batch(
         prot = protection.to(dev)
         lab = None if labels is None else torch.as_tensor(labels).to(dev)
         # Contiguous NCHW: a permuted view (as from PIL arrays) makes every pass several times slower.
-        out = _protect_uint8(prot, _to_uint8(images.to(dev)).contiguous(), lab, keys)
+        if unfitted not in UNFITTED:
+            raise UEDatasetsError(f"unfitted must be one of {UNFITTED}, got {unfitted!r}")
+        out = _protect_uint8(prot, _to_uint8(images.to(dev)).contiguous(), lab, keys, unfitted)
         return (out if dtype == torch.uint8 else out.to(dtype).div_(255)).to(home)
     images = list(images)
     if not images:
@@ -232,6 +270,7 @@ def protect_batch(
             None if labels is None else labels[idx],
             None if keys is None else [keys[i] for i in idx],
             device,
+            unfitted,
         )
         for j, i in enumerate(idx):
             result[i] = out[j]

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..artifact import Protection
 from ..errors import SampleError, UEDatasetsError
-from .core import check_label, needs_labels, protect_batch
+from .core import check_label, method_of, needs_labels, protect_batch, uncovered
 from .images import (
     DEFAULT_MAX_PIXELS, PNG_LEVEL, Decoded, decode_with_profile, encode_png, holds_image, image_tensor,
 )
@@ -37,6 +37,19 @@ class Item:
     source: str | None = None
     field: str | None = None
 
+
+#: What an adapter does with a sample that cannot be protected: raise, or leave it out and record it.
+ON_ERROR = ("fail", "skip")
+
+
+class Unprotected(bytes):
+    """The PNG of an image that passed through unprotected (``unfitted="pass"``): bytes, marked so
+    that the writers count it (``unprotected`` in the stats)."""
+
+
+#: Why a sample the protection holds no noise for is refused (``unfitted="error"``).
+NOT_FITTED = ("the protection holds no noise for this sample: it was not fitted on it, or its pixels differ from "
+              "the fitted image's; --unfitted pass (unfitted='pass') lets such samples through unprotected")
 
 T = TypeVar("T")
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
@@ -84,6 +97,11 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield group
 
 
+def _colour(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(1, C, H, W)``: the colour planes of ``(C, H, W)`` pixels as the core sees them (alpha off)."""
+    return pixels[None, : 3 if pixels.shape[0] >= 3 else 1]
+
+
 def _decode_item(protection: Protection, item: Item, labelled: bool, max_pixels: int) -> Decoded:
     if labelled:
         reason = check_label(protection, item.label)
@@ -105,6 +123,7 @@ def protect_encoded_stream(
     png_level: int = PNG_LEVEL,
     pool: Executor | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    unfitted: str = "error",
 ) -> Iterator[tuple[T, list[bytes | SampleError]]]:
     """Protect a stream of batches, overlapping the tensor core with decoding and encoding.
 
@@ -116,12 +135,15 @@ def protect_encoded_stream(
         batches: ``(payload, items)`` pairs; the payload (the caller's samples, rows...) is passed
             back with the results of its items.
         max_pixels: images that declare more pixels are refused before decoding.
+        unfitted: a sample the protection holds no noise for (not in its noise bank) is a `SampleError`
+            (``"error"``) or passes through unprotected as `Unprotected` bytes (``"pass"``).
 
     Yields:
         ``(payload, results)`` in input order, one PNG or `SampleError` per item.
     """
     pool = pool or shared_pool()
     labelled = needs_labels(protection)
+    partial = method_of(protection).covers is not None
 
     def load(item: Item) -> Decoded | SampleError:
         try:
@@ -135,6 +157,12 @@ def protect_encoded_stream(
     def protect(payload: T, items: Sequence[Item], decoding: list[Future]) -> tuple[T, list[Any]]:
         results: list[Any] = [f.result() for f in decoding]
         ok = [i for i, d in enumerate(results) if not isinstance(d, SampleError)]
+        if partial:
+            for i in [i for i in ok if bool(uncovered(protection, _colour(results[i].pixels), [items[i].key])[0])]:
+                ok.remove(i)
+                results[i] = (SampleError(items[i].source or source, items[i].key, NOT_FITTED) if unfitted == "error"
+                              else pool.submit(lambda d: Unprotected(encode_png(d.pixels, png_level, d.icc_profile)),
+                                               results[i]))
         if ok:
             protected = protect_batch(
                 protection,
@@ -169,6 +197,7 @@ def protect_encoded(
     png_level: int = PNG_LEVEL,
     pool: Executor | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    unfitted: str = "error",
 ) -> list[bytes | SampleError]:
     """Protect one batch of encoded images; one PNG (or the reason it failed) per item, in order.
 
@@ -180,8 +209,9 @@ def protect_encoded(
         png_level: zlib level of the written PNG (lossless at any level).
         pool: executor for decode and encode; the shared thread pool by default.
         max_pixels: images that declare more pixels are refused before decoding.
+        unfitted: as for `protect_encoded_stream`.
     """
     for _, results in protect_encoded_stream(protection, [(None, items)], source, device, png_level, pool,
-                                             max_pixels):
+                                             max_pixels, unfitted):
         return results
     return []

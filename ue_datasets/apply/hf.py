@@ -40,8 +40,8 @@ import torch
 from ..artifact import Protection, load_protection
 from ..errors import SampleError, UEDatasetsError
 from ..version import __version__
-from .core import needs_labels
-from .encoded import Item, field_names, protect_encoded, refuse_hidden_image
+from .core import UNFITTED, needs_keys, needs_labels
+from .encoded import ON_ERROR, Item, Unprotected, field_names, protect_encoded, refuse_hidden_image
 from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
 
 
@@ -100,9 +100,13 @@ class ProtectMap:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         keep_columns: tuple[str, ...] | list[str] = (),
         scan_columns: list[str] | None = None,
+        unfitted: str = "error",
+        unprotected: list[dict[str, str]] | None = None,
     ):
-        if on_error not in ("fail", "skip"):
-            raise UEDatasetsError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        if on_error not in ON_ERROR:
+            raise UEDatasetsError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if unfitted not in UNFITTED:
+            raise UEDatasetsError(f"unfitted must be one of {UNFITTED}, got {unfitted!r}")
         if isinstance(protection, Protection):
             self._protection: Protection | None = protection
             self.path = None
@@ -118,10 +122,13 @@ class ProtectMap:
         self.scan_columns = scan_columns
         self.skipped: list[dict[str, str]] = [] if skipped is None else skipped
         self.warn_skipped = skipped is None  # a caller that collects the skipped rows reports them itself
+        self.unfitted = unfitted
+        self.unprotected: list[dict[str, str]] = [] if unprotected is None else unprotected
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["skipped"] = []
+        state["unprotected"] = []
         if self.path is not None:
             state["_protection"] = None  # workers load it themselves
         return state
@@ -142,7 +149,7 @@ class ProtectMap:
         """
         spec = json.dumps(
             [__version__, self.protection_id, self.image_column, self.label_column, self.key_column, self.on_error,
-             self.png_level, self.as_bytes, self.max_pixels, list(self.keep_columns), previous],
+             self.png_level, self.as_bytes, self.max_pixels, list(self.keep_columns), self.unfitted, previous],
             sort_keys=True,
         )
         return "ue-" + hashlib.sha256(spec.encode()).hexdigest()[:32]
@@ -159,8 +166,8 @@ class ProtectMap:
                 raise UEDatasetsError(f"key column {column!r} not in the dataset (columns: {sorted(batch)})")
             return [str(k) for k in batch[column]]
         if indices is None:
-            if self.protection.params.get("fraction", 1.0) < 1.0:
-                raise UEDatasetsError("a partial protection needs sample keys: pass with_indices=True or key_column")
+            if needs_keys(self.protection):
+                raise UEDatasetsError("this protection needs sample keys: pass with_indices=True or key_column")
             return [str(i) for i in range(n)]
         return [str(i) for i in indices]
 
@@ -204,9 +211,11 @@ class ProtectMap:
             except UEDatasetsError as e:
                 results[i] = SampleError(self.source, keys[i], str(e))
         done = protect_encoded(protection, [it for _, it in items], self.source, self._device(rank), self.png_level,
-                               max_pixels=self.max_pixels)
+                               max_pixels=self.max_pixels, unfitted=self.unfitted)
         for (i, _), r in zip(items, done):
             results[i] = r
+            if isinstance(r, Unprotected):
+                self.unprotected.append({"source": self.source, "key": keys[i]})
         keep = []
         for i, r in enumerate(results):
             if isinstance(r, SampleError):
@@ -276,6 +285,8 @@ def protect_dataset(
     skipped: list[dict[str, str]] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     keep_columns: tuple[str, ...] | list[str] = (),
+    unfitted: str = "error",
+    unprotected: list[dict[str, str]] | None = None,
     **map_kwargs: Any,
 ) -> Any:
     """Protect the image column of a ``datasets`` dataset (map-style, streaming, or a dict of splits).
@@ -292,6 +303,8 @@ def protect_dataset(
     With ``on_error="skip"`` bad rows are dropped and, when the map runs in this process, appended
     to ``skipped`` as ``{"key", "reason"}`` (or warned about one by one when no list is given). Another ``Image`` column fails unless it is named in
     ``keep_columns`` (kept as it is); images declaring more than ``max_pixels`` pixels are refused.
+    Rows a sample-wise protection holds no noise for fail (``unfitted="error"``) or are kept unprotected
+    (``"pass"``) and, when the map runs in this process, appended to ``unprotected`` as ``{"source", "key"}``.
 
     Returns:
         A dataset of the same kind with protected images (lazy for an ``IterableDataset``).
@@ -302,7 +315,7 @@ def protect_dataset(
         return type(dataset)({
             split: protect_dataset(d, protection, image_column, label_column, key_column, batch_size, device,
                                    num_proc, on_error, png_level, writer_batch_size, f"{source}[{split}]", skipped,
-                                   max_pixels, keep_columns, **map_kwargs)
+                                   max_pixels, keep_columns, unfitted, unprotected, **map_kwargs)
             for split, d in dataset.items()
         })
     features = dataset.features
@@ -318,7 +331,7 @@ def protect_dataset(
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     fn = ProtectMap(protection, image_column, label_column, key_column, device, on_error, png_level,
                     as_bytes=not _is_image_feature(features, image_column), source=source, skipped=skipped,
-                    max_pixels=max_pixels, keep_columns=keep_columns,
+                    max_pixels=max_pixels, keep_columns=keep_columns, unfitted=unfitted, unprotected=unprotected,
                     scan_columns=None if features is None else [c for c, f in features.items() if _may_hold_bytes(f)])
     if isinstance(dataset, datasets.IterableDataset):
         # IterableDataset.map(features=...) takes the output as already decoded; cast decodes the PNGs.

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from ..artifact import Protection, as_protection
 from ..errors import SampleError, SourceError, UEDatasetsError
 from .core import needs_labels
-from .encoded import Item, batched, protect_encoded_stream, refuse_hidden_image
+from .encoded import Item, Unprotected, batched, protect_encoded_stream, refuse_hidden_image
 from .shards import ShardOptions, ShardStats, check_not_empty, commit_file, run
 
 
@@ -155,7 +155,7 @@ def protect_parquet_file(
 
         with pq.ParquetWriter(f, schema) as writer:
             stream = protect_encoded_stream(protection, groups(), in_url, options.device, options.png_level,
-                                            max_pixels=options.max_pixels)
+                                            max_pixels=options.max_pixels, unfitted=options.unfitted)
             done: list[Any] = []
             for (table, keys, outcome, last), results in stream:
                 done.extend(results)
@@ -173,6 +173,7 @@ def protect_parquet_file(
                             raise r
                         stats.skip(r.key, r.reason)
                     else:
+                        stats.unprotected += isinstance(r, Unprotected)
                         keep.append(i)
                 pngs = [outcome[i] for i in keep]
                 images = pa.array([{"bytes": b, "path": None} for b in pngs] if pa.types.is_struct(image_type) else pngs,

@@ -74,6 +74,11 @@ class ProtectResult:
         return self._total("protected")
 
     @property
+    def unprotected(self) -> int:
+        """Samples written unprotected because the protection holds no noise for them (``unfitted="pass"``)."""
+        return sum(int(s.get("unprotected", 0)) for s in self.files)
+
+    @property
     def skipped(self) -> list[dict[str, str]]:
         """Every skipped sample: ``{"key", "reason"}`` (and ``"file"`` or ``"source"``)."""
         return [{**s, "file": f["output"]} if "source" not in s else s for f in self.files for s in f["skipped"]]
@@ -101,7 +106,8 @@ class ProtectResult:
         resumed = f", {self.resumed} already done" if self.resumed else ""
         files = {"wds": f"{len(self.files)} shard(s)", "parquet": f"{len(self.files)} parquet file(s)",
                  "hf": "a save_to_disk dataset"}[self.kind]
-        return (f"protected {self.written} of {self.samples} samples ({self.protected} changed, "
+        passed = f", {self.unprotected} passed unprotected" if self.unprotected else ""
+        return (f"protected {self.written} of {self.samples} samples ({self.protected} changed{passed}, "
                 f"{len(self.skipped)} skipped) in {files}{resumed} -> {self.output} [{self.seconds:.1f} s]")
 
 
@@ -171,6 +177,7 @@ def protect(
     max_skipped: int | str = DEFAULT_MAX_SKIPPED,
     png_level: int = PNG_LEVEL,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    unfitted: str = "error",
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
@@ -196,6 +203,9 @@ def protect(
             `TooManySkipped` is raised.
         png_level: zlib level of the written PNGs (lossless at any level).
         max_pixels: images that declare more pixels are refused before decoding.
+        unfitted: samples a sample-wise protection holds no noise for (its noise bank was fitted on
+            other data): ``"error"`` fails them (or skips them with ``on_error="skip"``), ``"pass"``
+            writes them unprotected and counts them (``unprotected`` in the stats and the result).
         workers: processes, each protecting whole files (shards and parquet).
         overwrite: redo outputs completed earlier, also those made with another protection.
         progress: show progress (bars on a terminal, periodic lines otherwise).
@@ -219,7 +229,7 @@ def protect(
     options = ShardOptions(
         label_field=label_field or ("cls" if source.kind == "wds" else "label"), image_field=image_field,
         key_field=key_field, keep_fields=keep_fields, batch_size=batch_size, device=device, on_error=on_error,
-        png_level=png_level, max_pixels=max_pixels,
+        png_level=png_level, max_pixels=max_pixels, unfitted=unfitted,
     )
     _, stats = protect_source(protection, source, dst, options, workers, overwrite, progress=progress)
     result = ProtectResult(source.kind, dst, stats, time.perf_counter() - start)

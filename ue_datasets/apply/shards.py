@@ -44,12 +44,11 @@ from .commit import (
     write_hashed,
     write_json,
 )
-from .core import needs_keys, resolve_device, selected
-from .encoded import field_names
+from .core import UNFITTED, needs_keys, resolve_device, selected
+from .encoded import ON_ERROR, field_names
 from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
 from .locations import check_output, check_output_name
 
-ON_ERROR = ("fail", "skip")
 #: Names of the files the rewriters read and write: webdataset shards, parquet files.
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIX = ".parquet"
@@ -77,6 +76,9 @@ class ShardOptions:
             its key and the reason in the stats.
         png_level: zlib level of the written PNGs (lossless at any level).
         max_pixels: an image that declares more pixels (width x height) is refused before decoding.
+        unfitted: a sample the protection holds no noise for (a sample-wise noise bank fitted on other
+            data): ``"error"`` fails it (or skips it under ``on_error="skip"``), ``"pass"`` writes it
+            unprotected and counts it as ``unprotected`` in the stats.
     """
 
     label_field: str = "cls"
@@ -88,10 +90,13 @@ class ShardOptions:
     on_error: str = "fail"
     png_level: int = PNG_LEVEL
     max_pixels: int = DEFAULT_MAX_PIXELS
+    unfitted: str = "error"
 
     def __post_init__(self) -> None:
         if self.on_error not in ON_ERROR:
             raise UEDatasetsError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        if self.unfitted not in UNFITTED:
+            raise UEDatasetsError(f"unfitted must be one of {UNFITTED}, got {self.unfitted!r}")
         if self.batch_size < 1:
             raise UEDatasetsError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_pixels < 1:
@@ -106,7 +111,7 @@ class ShardOptions:
         settings redoes the output instead of resuming it."""
         return {"label_field": self.label_field, "image_field": self.image_field, "key_field": self.key_field,
                 "keep_fields": list(self.keep_fields), "on_error": self.on_error, "png_level": self.png_level,
-                "max_pixels": self.max_pixels}
+                "max_pixels": self.max_pixels, "unfitted": self.unfitted}
 
 
 @dataclass
@@ -125,6 +130,7 @@ class ShardStats:
     samples: int = 0
     written: int = 0
     protected: int = 0
+    unprotected: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     protection: dict[str, str] = field(default_factory=dict)
@@ -218,7 +224,8 @@ def commit_file(
         keys, digest = write_hashed(partial, lambda f: body(f, stats))
         try:
             stats.written = len(keys)
-            stats.protected = int(selected(protection, keys).sum()) if needs_keys(protection) else len(keys)
+            covered = int(selected(protection, keys).sum()) if needs_keys(protection) else len(keys)
+            stats.protected = covered - stats.unprotected
             stats.seconds = round(time.perf_counter() - start, 4)
             stats.bytes, stats.sha256 = digest["bytes"], digest["sha256"]
             write_json(stats_url(out_url), asdict(stats))

@@ -272,6 +272,7 @@ def _write_dataset(protection: Protection, src: str, dst: str, partial: str, nam
     from .hf import protect_dataset
 
     skipped: list[dict[str, str]] = []
+    unprotected: list[dict[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="ue-datasets-cache-") as cache:
         outputs = {}
         for split, ds in splits.items():
@@ -283,6 +284,7 @@ def _write_dataset(protection: Protection, src: str, dst: str, partial: str, nam
                     batch_size=options.batch_size, device=options.device, on_error=options.on_error,
                     png_level=options.png_level, max_pixels=options.max_pixels,
                     keep_columns=options.keep_fields, source=source, skipped=skipped,
+                    unfitted=options.unfitted, unprotected=unprotected,
                     cache_file_name=posixpath.join(cache, f"{split or 'data'}.arrow"),
                 )
             except OSError as e:
@@ -310,6 +312,7 @@ def _write_dataset(protection: Protection, src: str, dst: str, partial: str, nam
                 dropped = {s["key"] for s in skipped if s["source"] == source}
                 keys = [str(i) for i in range(len(splits[split])) if str(i) not in dropped]
             protected += int(selected(protection, keys).sum())
+    protected -= len(unprotected)
     pfs, ppath = fsspec.core.url_to_fs(partial)
     files = {}
     for path in sorted(pfs.find(ppath)):
@@ -317,7 +320,7 @@ def _write_dataset(protection: Protection, src: str, dst: str, partial: str, nam
         files[rel] = file_digest(posixpath.join(partial, rel))
     stats = {
         "input": name, "output": posixpath.basename(fsspec.core.url_to_fs(dst)[1].rstrip("/")),
-        "samples": samples, "written": written, "protected": protected,
+        "samples": samples, "written": written, "protected": protected, "unprotected": len(unprotected),
         "skipped": skipped, "seconds": round(time.perf_counter() - start, 4),
         "protection": protection.public(), "files": files,
         "ue_datasets_version": __version__, "resumed": False,

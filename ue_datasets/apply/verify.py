@@ -239,7 +239,8 @@ def _classify(protection: Protection, pairs: list[tuple[str, Record, Record]], o
         return
     expected = iter(protect_batch(protection, [clean for clean, _, _ in flat],
                                   labels=[int(label) for _, label, _ in flat] if labelled else None,
-                                  keys=[key for _, _, key in flat], device=device))
+                                  keys=[key for _, _, key in flat], device=device,
+                                  unfitted="pass"))  # a sample a noise bank lacks is expected unchanged
     for file, p, tensors, _ in ready:
         report.checked += 1
         wrong, unchanged = [], True

@@ -33,7 +33,7 @@ import fsspec
 from ..artifact import Protection, as_protection
 from ..errors import SampleError, SourceError, UEDatasetsError
 from .core import needs_labels
-from .encoded import Item, batched, protect_encoded_stream
+from .encoded import Item, Unprotected, batched, protect_encoded_stream
 from .images import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, looks_like_image
 from .shards import ShardOptions, ShardStats, check_not_empty, commit_file, run
 
@@ -279,7 +279,7 @@ def protect_samples(
             yield (group, preps), [it for p in preps if not isinstance(p, SampleError) for it in p[1]]
 
     stream = protect_encoded_stream(protection, prepared(), source, options.device, options.png_level,
-                                    max_pixels=options.max_pixels)
+                                    max_pixels=options.max_pixels, unfitted=options.unfitted)
     for (group, preps), pngs in stream:
         done = iter(pngs)
         for sample, prep in zip(group, preps):
@@ -366,6 +366,7 @@ def protect_shard(
         def track(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             for s in samples:
                 keys.append(s["__key__"])
+                stats.unprotected += any(isinstance(v, Unprotected) for v in s.values())
                 yield s
 
         try:

@@ -13,26 +13,31 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..artifact import Protection
 
-__all__ = ["METHODS", "fit", "fit_clusters", "fit_convolution"]
+__all__ = ["METHODS", "fit", "fit_clusters", "fit_convolution", "fit_em", "fit_salm"]
 
 #: Method names as the command line spells them (``ue-datasets fit NAME``), and their fit functions.
-METHODS = {"cuda": "fit_convolution", "convolution": "fit_convolution", "clusters": "fit_clusters"}
+METHODS = {"cuda": "fit_convolution", "convolution": "fit_convolution", "clusters": "fit_clusters",
+           "em": "fit_em", "salm": "fit_salm"}
+#: The module of each fit function, imported at its first use (they import torch).
+_MODULES = {"fit_convolution": "convolution", "fit_clusters": "clusters", "fit_em": "em", "fit_salm": "salm"}
 
 
 def fit(method: str, *args: Any, output: str | os.PathLike | None = None, overwrite: bool = False,
         **options: Any) -> Protection:
-    """Fit ``method`` (``"cuda"``, ``"clusters"``) with the options of its fit function; save it to ``output``.
+    """Fit ``method`` (``"cuda"``, ``"clusters"``, ``"em"``, ``"salm"``) with the options of its fit function;
+    save it to ``output``.
 
     Args:
         method: a name of `METHODS`.
-        *args, **options: the arguments of `fit_convolution` (``num_classes``, ``key``...) or
-            `fit_clusters` (``src``, ``encoder``...).
+        *args, **options: the arguments of `fit_convolution` (``num_classes``, ``key``...),
+            `fit_clusters` (``src``, ``encoder``...), `fit_em` or `fit_salm` (``src``, ``mode``...).
         output: an artifact directory to write (optional); an existing non-empty one is refused
             unless ``overwrite`` and it holds an artifact.
 
@@ -43,21 +48,33 @@ def fit(method: str, *args: Any, output: str | os.PathLike | None = None, overwr
 
     if method not in METHODS:
         raise UEDatasetsError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
-    protection = getattr(sys.modules[__name__], METHODS[method])(*args, **options)
-    if output is not None:
+    function = getattr(sys.modules[__name__], METHODS[method])
+    if output is None:
+        return function(*args, **options)
+    from pathlib import Path
+
+    from ..artifact import ArtifactError, load_protection
+
+    out = Path(output)
+    if out.exists() and any(out.iterdir()) and not overwrite:  # refused now, not after a long fit
+        raise ArtifactError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    if method not in ("em", "salm") or options.get("bank_dir") is not None:
+        protection = function(*args, **options)
         protection.save(output, overwrite=overwrite)
-    return protection
+        return protection
+    options.pop("bank_dir", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A sample-wise noise bank is written beside the output, linked into it, and this copy removed.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.bank-", dir=out.parent) as scratch:
+        function(*args, bank_dir=Path(scratch) / "bank", **options).save(out, overwrite=overwrite)
+    return load_protection(out)
 
 
 def __getattr__(name: str) -> Any:  # fit functions import torch; importing them waits for their first use
-    if name == "fit_convolution":
-        from .convolution import fit_convolution
+    if name in _MODULES:
+        import importlib
 
-        return fit_convolution
-    if name == "fit_clusters":
-        from .clusters import fit_clusters
-
-        return fit_clusters
+        return getattr(importlib.import_module(f".{_MODULES[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

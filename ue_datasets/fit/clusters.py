@@ -59,11 +59,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..apply.clusters import encode_keys
 from ..apply.core import resolve_device
 from ..artifact import Protection
 from ..errors import UEDatasetsError
+from ..kernels.samples import encode_keys
 from ..progress import progress_bar
+from .budget import parse_eps
 from .cost import MODES, StepTimer, estimate_cost, say, source_size
 from .features import FeatureSet, extract_features, iter_features
 from .generator import ResnetGenerator
@@ -74,21 +75,6 @@ CHECKPOINT = "deltas-*.safetensors"
 CLUSTER_DATA = ("all", "members")
 DEFAULT_EPOCHS = {"faithful": 50, "fast": 10}
 DEFAULT_LR = {"faithful": 1e-4, "fast": 0.1}
-
-
-def parse_eps(value: str | float) -> float:
-    """``"16/255"``, ``"0.0627"`` or a float -> a float in (0, 1]."""
-    if isinstance(value, str):
-        try:
-            num, _, den = value.partition("/")
-            eps = float(num) / float(den) if den else float(num)
-        except (ValueError, ZeroDivisionError):
-            raise UEDatasetsError(f"eps {value!r}: give a fraction like 16/255 or a number in (0, 1]") from None
-    else:
-        eps = float(value)
-    if not 0 < eps <= 1:
-        raise UEDatasetsError(f"eps must be in (0, 1] (in units of the pixel range), got {eps}")
-    return eps
 
 
 def kl_to_center(z: torch.Tensor, center: torch.Tensor) -> torch.Tensor:

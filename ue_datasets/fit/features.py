@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..apply.clusters import pixel_checksum
 from ..apply.encoded import batched, shared_pool
 from ..apply.images import image_tensor, resize_square
 from ..apply.records import Record, iter_records
 from ..errors import SampleError, UEDatasetsError
+from ..kernels.samples import pixel_checksum
 from ..progress import progress_bar
 from ..version import __version__
 

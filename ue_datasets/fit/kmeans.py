@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UEDatasetsError
-
-DEFAULT_BATCH_SIZE = 65536
+from ..kernels.nearest import DEFAULT_BATCH_SIZE, Assigner, check_int, check_points, chunks, nearest_center
 
 
 @dataclass
@@ -43,24 +42,6 @@ class KMeansResult:
 
 
 # ----------------------------------------------------------------------------------------- validation
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise UEDatasetsError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise UEDatasetsError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_points(x: object, name: str = "x") -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise UEDatasetsError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 2:
-        raise UEDatasetsError(f"{name} must be a 2-D (N, D) tensor, got shape {tuple(x.shape)}")
-    if x.is_complex() or x.dtype == torch.bool:
-        raise UEDatasetsError(f"{name} must hold real numbers, got dtype {x.dtype}")
-    return x
 
 
 def _check_enough(n: int, k: int) -> None:
@@ -86,55 +67,6 @@ def _raise_nonfinite(row: int, where: str = "x") -> None:
 # ------------------------------------------------------------------------------------------ distances
 
 
-def _chunks(n: int, batch_size: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, n, batch_size):
-        yield start, min(start + batch_size, n)
-
-
-class _Assigner:
-    """Nearest-center search against fixed ``centers`` (float32 ``(K, D)``) on one device.
-
-    Scores ``||c - m||^2 - 2 (x - m).(c - m)`` with ``m`` the centers' mean; the argmin takes the lowest
-    index on ties. Every row's result depends only on that row, not on the chunking.
-    """
-
-    def __init__(self, centers: torch.Tensor):
-        centers = centers.to(torch.float32)
-        self.shift = centers.mean(dim=0)
-        self.shifted_t = (centers - self.shift).t().contiguous()  # (D, K)
-        self.norms = self.shifted_t.pow(2).sum(dim=0)  # (K,)
-
-    def __call__(self, xb: torch.Tensor) -> torch.Tensor:
-        """float ``(b, D)`` -> int64 ``(b,)`` on ``xb``'s device."""
-        scores = torch.addmm(self.norms, xb.to(torch.float32) - self.shift, self.shifted_t, alpha=-2.0)
-        return scores.argmin(dim=1)
-
-
-def nearest_center(x: torch.Tensor, centers: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
-    """Index of the nearest center (squared euclidean distance) of every row of ``x``.
-
-    Args:
-        x: float ``(N, D)`` points, on any device; the search runs there.
-        centers: float ``(K, D)``, moved to ``x``'s device.
-        batch_size: rows per chunk; memory is ``O(batch_size * K)`` beyond the inputs.
-
-    Returns:
-        int64 ``(N,)`` on ``x``'s device; ties go to the lowest center index.
-    """
-    x = _check_points(x)
-    centers = _check_points(centers, "centers")
-    batch_size = _check_int("batch_size", batch_size, 1)
-    if centers.shape[0] < 1:
-        raise UEDatasetsError("centers must hold at least one center")
-    if centers.shape[1] != x.shape[1]:
-        raise UEDatasetsError(f"x has {x.shape[1]} features but centers have {centers.shape[1]}")
-    assign = _Assigner(centers.to(x.device))
-    labels = [assign(x[a:b]) for a, b in _chunks(x.shape[0], batch_size)]
-    if not labels:
-        return torch.empty(0, dtype=torch.int64, device=x.device)
-    return torch.cat(labels)
-
-
 def _sq_dist64(xb: torch.Tensor, cs: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """float64 ``(b, L)`` squared distances of rows ``xb`` to ``cs`` (both shifted by ``shift``), >= 0."""
     xs = xb.to(torch.float64) - shift
@@ -150,7 +82,7 @@ def _exact_sq_dist(xb: torch.Tensor, assigned_centers: torch.Tensor) -> torch.Te
 
 def _inertia(x: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for a, b in _chunks(x.shape[0], batch_size):
+    for a, b in chunks(x.shape[0], batch_size):
         total += _exact_sq_dist(x[a:b], centers[labels[a:b]]).sum()
     return float(total)
 
@@ -167,7 +99,7 @@ def _kmeans_plusplus_indices(x: torch.Tensor, k: int, generator: torch.Generator
 
     def dist_to(rows: torch.Tensor) -> torch.Tensor:  # float64 (N, len(rows)), built chunk by chunk
         cs = x[rows]
-        return torch.cat([_sq_dist64(x[a:b], cs, shift) for a, b in _chunks(n, batch_size)])
+        return torch.cat([_sq_dist64(x[a:b], cs, shift) for a, b in chunks(n, batch_size)])
 
     chosen = [first]
     closest = dist_to(torch.tensor([first], device=x.device))[:, 0]
@@ -180,7 +112,7 @@ def _kmeans_plusplus_indices(x: torch.Tensor, k: int, generator: torch.Generator
         candidates = candidates.clamp_max_(n - 1)
         cs = x[candidates]
         potentials = torch.zeros(n_local_trials, dtype=torch.float64, device=x.device)
-        for a, b in _chunks(n, batch_size):
+        for a, b in chunks(n, batch_size):
             potentials += torch.minimum(_sq_dist64(x[a:b], cs, shift), closest[a:b, None]).sum(dim=0)
         best = int(candidates[int(potentials.argmin())])
         chosen.append(best)
@@ -208,9 +140,9 @@ def kmeans_plusplus(
         float32 ``(k, D)``, rows of ``x`` (distinct rows unless ``x`` has fewer than ``k`` distinct
         points), on ``x``'s device.
     """
-    x = _check_points(x)
-    k = _check_int("k", k, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    x = check_points(x)
+    k = check_int("k", k, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     _check_enough(x.shape[0], k)
     row = _first_nonfinite_row(x, batch_size)
     if row is not None:
@@ -226,13 +158,13 @@ def _mean_variance(x: torch.Tensor, batch_size: int) -> float:
     """Mean over features of the (population) variance of ``x``; raises on NaN or infinity."""
     n = x.shape[0]
     total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    for a, b in _chunks(n, batch_size):
+    for a, b in chunks(n, batch_size):
         total += x[a:b].to(torch.float64).sum(dim=0)
     if not bool(torch.isfinite(total).all()):  # finite float32 values cannot overflow a float64 sum
         _raise_nonfinite(_first_nonfinite_row(x, batch_size) or 0)
     mean = total / n
     squares = torch.zeros_like(total)
-    for a, b in _chunks(n, batch_size):
+    for a, b in chunks(n, batch_size):
         squares += (x[a:b].to(torch.float64) - mean).pow(2).sum(dim=0)
     return float((squares / n).mean())
 
@@ -246,10 +178,10 @@ def _lloyd(
     previous = None
     iteration = 0
     for iteration in range(1, max_iter + 1):
-        assign = _Assigner(centers)
+        assign = Assigner(centers)
         sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
         labels = torch.empty(n, dtype=torch.int64, device=x.device)
-        for a, b in _chunks(n, batch_size):
+        for a, b in chunks(n, batch_size):
             xb = x[a:b]
             labels[a:b] = assign(xb)
             sums.index_add_(0, labels[a:b], xb.to(torch.float64))
@@ -258,7 +190,7 @@ def _lloyd(
         empty = (counts == 0).nonzero()[:, 0]
         if empty.numel():
             # re-seed each empty cluster at one of the points farthest from their current center
-            far = torch.cat([_exact_sq_dist(x[a:b], centers[labels[a:b]]) for a, b in _chunks(n, batch_size)])
+            far = torch.cat([_exact_sq_dist(x[a:b], centers[labels[a:b]]) for a, b in chunks(n, batch_size)])
             order = torch.sort(far, descending=True, stable=True).indices[: empty.numel()]
             new[empty] = x[order].to(torch.float32)
         shift = float((new.to(torch.float64) - centers.to(torch.float64)).pow(2).sum())
@@ -302,12 +234,12 @@ def kmeans(
     Returns:
         A `KMeansResult` on CPU. Empty clusters are re-seeded at the points farthest from their center.
     """
-    x = _check_points(x)
-    k = _check_int("k", k, 1)
-    seed = _check_int("seed", seed, 0)
-    max_iter = _check_int("max_iter", max_iter, 1)
-    n_init = _check_int("n_init", n_init, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    x = check_points(x)
+    k = check_int("k", k, 1)
+    seed = check_int("seed", seed, 0)
+    max_iter = check_int("max_iter", max_iter, 1)
+    n_init = check_int("n_init", n_init, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0:
         raise UEDatasetsError(f"tol must be a number >= 0, got {tol!r}")
     _check_enough(x.shape[0], k)
@@ -341,7 +273,7 @@ def _stream(batches: Callable[[], Iterable[torch.Tensor]], d: int | None, device
     """Validated float32 chunks of a fresh pass over ``batches()``, on ``device`` (None: as given)."""
     seen = 0
     for chunk in batches():
-        chunk = _check_points(chunk, f"batch at row {seen}")
+        chunk = check_points(chunk, f"batch at row {seen}")
         if d is not None and chunk.shape[1] != d:
             raise UEDatasetsError(f"batch at row {seen} has {chunk.shape[1]} features, expected {d}")
         if chunk.shape[0] == 0:
@@ -385,10 +317,10 @@ def minibatch_kmeans(
     """
     if not callable(batches):
         raise UEDatasetsError("batches must be a callable returning a fresh iterable of (b, D) tensors")
-    k = _check_int("k", k, 1)
-    seed = _check_int("seed", seed, 0)
-    epochs = _check_int("epochs", epochs, 0)
-    init_size = max(3 * k, 10_000) if init_size is None else _check_int("init_size", init_size, 1)
+    k = check_int("k", k, 1)
+    seed = check_int("seed", seed, 0)
+    epochs = check_int("epochs", epochs, 0)
+    init_size = max(3 * k, 10_000) if init_size is None else check_int("init_size", init_size, 1)
     init_size = max(init_size, k)
 
     sample: list[torch.Tensor] = []
@@ -422,7 +354,7 @@ def minibatch_kmeans(
         for _ in range(epochs):
             seen = 0
             for chunk in _stream(batches, d, device):
-                labels = _Assigner(centers.to(torch.float32))(chunk)
+                labels = Assigner(centers.to(torch.float32))(chunk)
                 sums = torch.zeros(k, d, dtype=torch.float64, device=device)
                 sums.index_add_(0, labels, chunk.to(torch.float64))
                 batch_counts = torch.bincount(labels, minlength=k)
@@ -434,7 +366,7 @@ def minibatch_kmeans(
             n_points = _check_same_length(n_points, seen)
             bar.update(1)
         final = centers.to(torch.float32)
-        assign = _Assigner(final)
+        assign = Assigner(final)
         labels_all: list[torch.Tensor] = []
         inertia = torch.zeros((), dtype=torch.float64, device=device)
         for chunk in _stream(batches, d, device):
