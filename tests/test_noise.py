@@ -7,6 +7,8 @@ import json
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
@@ -23,7 +25,7 @@ from ue_datasets.cli import main
 from ue_datasets.errors import UEDatasetsError
 from ue_datasets.kernels.noise import add_delta
 from ue_datasets.kernels.samples import pixel_checksum
-from ue_datasets.transforms import Protect
+from ue_datasets.transforms import Protect, ProtectedDataset
 
 EPS = 8 / 255
 
@@ -176,7 +178,15 @@ def test_every_adapter_gives_the_same_pixels_for_the_noise_methods(tmp_path, kin
     by_cli = [png_pixels(s["png"]) for s in read_tar(tmp_path / "out" / "s-000.tar")]
     stage = protect_stage(protection, batch_size=3)
     by_stage = [png_pixels(s["png"]) for s in wds.WebDataset(shard, shardshuffle=False).compose(stage)]
-    for results in (by_map, by_cli, by_stage):
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in pngs], "label": labels}),
+                   tmp_path / "pq" / "a.parquet")
+    assert main(["protect", "--protection", str(tmp_path / "prot"), "--input", str(tmp_path / "pq" / "a.parquet"),
+                 "--output", str(tmp_path / "pq-out"), "--batch-size", "4", "--no-progress"]) == 0
+    by_parquet = [png_pixels(r["bytes"]) for r in pq.read_table(tmp_path / "pq-out" / "a.parquet")["image"].to_pylist()]
+    by_dataset = [to_chw(image) for image, _ in ProtectedDataset(
+        [(Image.open(io.BytesIO(b)), y) for b, y in zip(pngs, labels)], protection)]
+    for results in (by_map, by_cli, by_stage, by_parquet, by_dataset):
         assert len(results) == len(by_transform)
         for a, b in zip(by_transform, results):
             assert torch.equal(a, b)
