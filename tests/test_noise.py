@@ -252,3 +252,20 @@ def test_key_lookup_survives_resharding_and_the_batch_loader(tmp_path):
     batch = [(png_pixels(b), y, k) for b, y, k in zip(pngs, labels, keys)]
     images, _ = ProtectBatch(protection).collate(batch)
     assert all(torch.equal(images[i], by_key[k]) for i, k in enumerate(keys))
+
+
+@pytest.mark.slow
+def test_spawned_workers_find_each_samples_noise_in_the_bank(tmp_path):
+    from ue_datasets.apply.wds import protect_shards
+
+    pngs, labels = _inputs()
+    keys = [f"k{i}" for i in range(len(pngs))]
+    protection = _samplewise(tmp_path, [png_pixels(b) for b in pngs], keys)
+    protection.save(tmp_path / "prot")
+    samples = [{"__key__": k, "png": b, "cls": str(y).encode()} for k, b, y in zip(keys, pngs, labels)]
+    (tmp_path / "in").mkdir()
+    shards = [write_shard(tmp_path / "in" / f"s-{i}.tar", samples[i::2]) for i in range(2)]
+    protect_shards(str(tmp_path / "prot"), shards, str(tmp_path / "one"), progress=False)
+    protect_shards(str(tmp_path / "prot"), shards, str(tmp_path / "two"), workers=2, progress=False)
+    for name in ("s-0.tar", "s-1.tar"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
