@@ -186,3 +186,16 @@ def dataset_dir(tmp_path):
                                      "label": labels}, features=features)
     ds.save_to_disk(str(tmp_path / "data" / "ds"))
     return tmp_path / "data" / "ds"
+
+
+def mixed_inputs() -> tuple[list[bytes], list[int]]:
+    """Mixed sizes and modes: RGB, L, RGBA; PNG-encoded so every adapter sees the same pixels."""
+    rng = np.random.default_rng(7)
+    images = []
+    for i in range(12):
+        h, w = [(8, 8), (10, 6), (16, 12)][i % 3]
+        mode = ["RGB", "L", "RGBA"][i % 3 if i < 9 else 0]
+        shape = {"RGB": (h, w, 3), "L": (h, w), "RGBA": (h, w, 4)}[mode]
+        images.append(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode))
+    labels = [int(v) for v in rng.integers(0, 10, 12)]
+    return [encode(im) for im in images], labels

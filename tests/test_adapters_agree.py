@@ -1,46 +1,48 @@
-"""All adapters give the same pixels for the same input: transform, datasets.map, webdataset, CLI."""
+"""All adapters give the same pixels for the same input, for every kind of method: transform, datasets.map,
+webdataset stage and shard rewriter, parquet rewriter, ProtectedDataset, and the CLI."""
 
 from __future__ import annotations
 
 import io
 
 import datasets
-import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 import torch
 import webdataset as wds
 from PIL import Image
 
-from conftest import encode, png_pixels, read_tar, to_chw, write_shard
+from conftest import mixed_inputs, png_pixels, read_tar, to_chw, write_shard
+from test_noise import _classwise, _samplewise
 from ue_datasets.apply.hf import protect_dataset
 from ue_datasets.apply.wds import protect_stage
+from ue_datasets.artifact import load_protection
 from ue_datasets.cli import main
-from ue_datasets.transforms import Protect
+from ue_datasets.transforms import Protect, ProtectedDataset
 
 
-def _inputs():
-    """Mixed sizes and modes: RGB, L, RGBA; PNG-encoded so every adapter sees the same pixels."""
-    rng = np.random.default_rng(7)
-    images = []
-    for i in range(12):
-        h, w = [(8, 8), (10, 6), (16, 12)][i % 3]
-        mode = ["RGB", "L", "RGBA"][i % 3 if i < 9 else 0]
-        shape = {"RGB": (h, w, 3), "L": (h, w), "RGBA": (h, w, 4)}[mode]
-        images.append(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode))
-    labels = [int(v) for v in rng.integers(0, 10, 12)]
-    return [encode(im) for im in images], labels
-
-
-def test_transform_map_stage_shards_and_cli_give_identical_pixels(tmp_path, protection):
-    pngs, labels = _inputs()
-    keys = [f"k{i:03d}" for i in range(len(pngs))]
+@pytest.mark.parametrize("kind", ["convolution", "em-classwise", "em-samplewise"])
+def test_transform_map_stage_shards_parquet_dataset_and_cli_give_identical_pixels(tmp_path, request, kind):
+    pngs, labels = mixed_inputs()
+    keys = [str(i) for i in range(len(pngs))]  # the row index: the key datasets.map and parquet use too
+    if kind == "convolution":
+        protection = request.getfixturevalue("protection")
+    elif kind == "em-classwise":
+        protection = _classwise()
+    else:
+        protection = _samplewise(tmp_path, [png_pixels(b) for b in pngs], keys)
     protection.save(tmp_path / "prot")
+    protection = load_protection(tmp_path / "prot")
 
     # torchvision v2 transform, one sample at a time
-    by_transform = [to_chw(Protect(protection)(Image.open(io.BytesIO(b)), y)[0]) for b, y in zip(pngs, labels)]
+    transform = Protect(protection, keys_getter=lambda inputs: inputs[2])
+    by_transform = [to_chw(transform(Image.open(io.BytesIO(b)), y, k)[0]) for b, y, k in zip(pngs, labels, keys)]
 
     # datasets.map
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-    ds = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in pngs], "label": labels}, features=features)
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in pngs], "label": labels},
+                                    features=features)
     by_map = [to_chw(im) for im in protect_dataset(ds, protection, batch_size=5)["image"]]
 
     # webdataset shard rewriting through the CLI, batch size 5
@@ -61,8 +63,21 @@ def test_transform_map_stage_shards_and_cli_give_identical_pixels(tmp_path, prot
                  str(tmp_path / "hf-out"), "--no-progress"]) == 0
     by_cli_hf = [to_chw(im) for im in datasets.load_from_disk(str(tmp_path / "hf-out"))["image"]]
 
-    for results in (by_map, by_cli, by_stage, by_cli_hf):
+    # CLI on a parquet file, batch size 4
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in pngs], "label": labels}),
+                   tmp_path / "pq" / "a.parquet")
+    assert main(["protect", "--protection", str(tmp_path / "prot"), "--input", str(tmp_path / "pq" / "a.parquet"),
+                 "--output", str(tmp_path / "pq-out"), "--batch-size", "4", "--no-progress"]) == 0
+    by_parquet = [png_pixels(r["bytes"]) for r in pq.read_table(tmp_path / "pq-out" / "a.parquet")["image"].to_pylist()]
+
+    # ProtectedDataset around a map-style dataset (the index is the key)
+    by_dataset = [to_chw(image) for image, _ in ProtectedDataset(
+        [(Image.open(io.BytesIO(b)), y) for b, y in zip(pngs, labels)], protection)]
+
+    for results in (by_map, by_cli, by_stage, by_cli_hf, by_parquet, by_dataset):
         assert len(results) == len(by_transform)
         for a, b in zip(by_transform, results):
             assert torch.equal(a, b)
-    assert any(not torch.equal(a, to_chw(Image.open(io.BytesIO(b)))) for a, b in zip(by_transform, pngs))
+    changed = [not torch.equal(a, png_pixels(b)) for a, b in zip(by_transform, pngs)]
+    assert any(changed) if kind == "convolution" else all(changed)  # the noise methods change every image

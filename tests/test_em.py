@@ -235,7 +235,7 @@ def test_the_sample_store_resumes_a_killed_pass_without_decoding_again(shard, tm
     from ue_datasets.fit import store as store_module
 
     clean = store_module.build_store(shard, tmp_path / "clean", part_size=8, batch_size=4, progress=False)
-    decoded, killed, real = [], [], store_module._colour
+    decoded, killed, real = [], [], store_module.colour_image
 
     def dying(record):  # runs in the decoding threads: no order is assumed
         decoded.append(record.key)
@@ -244,7 +244,7 @@ def test_the_sample_store_resumes_a_killed_pass_without_decoding_again(shard, tm
             raise KeyboardInterrupt("killed")
         return real(record)
 
-    monkeypatch.setattr(store_module, "_colour", dying)
+    monkeypatch.setattr(store_module, "colour_image", dying)
     with pytest.raises(KeyboardInterrupt):
         store_module.build_store(shard, tmp_path / "s", part_size=8, batch_size=4, progress=False)
     assert len(list((tmp_path / "s").glob("part-*.safetensors"))) == 2

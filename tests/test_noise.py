@@ -1,31 +1,22 @@
-"""The additive-noise path: one kernel, pluggable lookups, and every adapter giving the same pixels."""
+"""The additive-noise path: one kernel, pluggable lookups, noise banks through the adapters (their pixels agree:
+`tests/test_adapters_agree.py`)."""
 
 from __future__ import annotations
 
-import io
 import json
 
-import datasets
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-import webdataset as wds
-from PIL import Image
 
-from conftest import encode, png_pixels, read_tar, to_chw, write_shard
+from conftest import mixed_inputs, png_pixels, read_tar, write_shard
 from ue_datasets.apply.core import method_of, needs_keys, needs_labels, protect_batch, uses_keys
-from ue_datasets.apply.hf import protect_dataset
 from ue_datasets.apply.noise import LOOKUPS, register_lookup
-from ue_datasets.apply.wds import protect_stage
 from ue_datasets.artifact import Protection, load_protection
 from ue_datasets.bank import Bank, BankWriter
 from ue_datasets.cli import main
 from ue_datasets.errors import UEDatasetsError
 from ue_datasets.kernels.noise import add_delta
-from ue_datasets.kernels.samples import pixel_checksum
-from ue_datasets.transforms import Protect, ProtectedDataset
+from ue_datasets.kernels.samples import colour_planes, pixel_checksum
 
 EPS = 8 / 255
 
@@ -37,16 +28,12 @@ def _classwise(num_classes: int = 10, channels: int = 3, size: int = 8, seed: in
                              "legacy_clamp": False, **params}, {"deltas": deltas})
 
 
-def _colour(t: torch.Tensor) -> torch.Tensor:
-    return t[: 3 if t.shape[0] >= 3 else 1]
-
-
 def _samplewise(tmp_path, images: list[torch.Tensor], keys: list[str], seed: int = 0) -> Protection:
     """A sample-wise protection whose bank holds random levels in [-8, 8] for ``images`` (uint8 (C, H, W))."""
     g = torch.Generator().manual_seed(seed)
     with BankWriter(tmp_path / "bank-src") as writer:
         for key, im in zip(keys, images):
-            c = _colour(im)
+            c = colour_planes(im)
             writer.add(key, pixel_checksum(c[None])[0], torch.randint(-8, 9, c.shape, generator=g, dtype=torch.int8))
     bank = Bank.open(tmp_path / "bank-src")
     return Protection("em", {"lookup": "key", "mode": "samplewise", "eps": EPS, "rounding": "half-up",
@@ -140,61 +127,8 @@ def test_a_bank_protection_saves_loads_and_checks_its_banks_digest(tmp_path):
         load_protection(tmp_path / "art")
 
 
-def _inputs():
-    """Mixed sizes and modes: RGB, L, RGBA; PNG-encoded so every adapter sees the same pixels."""
-    rng = np.random.default_rng(7)
-    images = []
-    for i in range(12):
-        h, w = [(8, 8), (10, 6), (16, 12)][i % 3]
-        mode = ["RGB", "L", "RGBA"][i % 3 if i < 9 else 0]
-        shape = {"RGB": (h, w, 3), "L": (h, w), "RGBA": (h, w, 4)}[mode]
-        images.append(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode))
-    labels = [int(v) for v in rng.integers(0, 10, 12)]
-    return [encode(im) for im in images], labels
-
-
-@pytest.mark.parametrize("kind", ["em-classwise", "em-samplewise"])
-def test_every_adapter_gives_the_same_pixels_for_the_noise_methods(tmp_path, kind):
-    pngs, labels = _inputs()
-    keys = [str(i) for i in range(len(pngs))]  # the row index: the key datasets.map and parquet use too
-    if kind == "em-classwise":
-        protection = _classwise()
-    else:
-        protection = _samplewise(tmp_path, [png_pixels(b) for b in pngs], keys)
-    protection.save(tmp_path / "prot")
-    protection = load_protection(tmp_path / "prot")
-
-    transform = Protect(protection, keys_getter=lambda inputs: inputs[2])
-    by_transform = [to_chw(transform(Image.open(io.BytesIO(b)), y, k)[0]) for b, y, k in zip(pngs, labels, keys)]
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-    ds = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in pngs], "label": labels},
-                                    features=features)
-    by_map = [to_chw(im) for im in protect_dataset(ds, protection, batch_size=5)["image"]]
-    (tmp_path / "in").mkdir()
-    samples = [{"__key__": k, "png": b, "cls": str(y).encode()} for k, b, y in zip(keys, pngs, labels)]
-    shard = write_shard(tmp_path / "in" / "s-000.tar", samples)
-    assert main(["protect", "--protection", str(tmp_path / "prot"), "--input", shard, "--output",
-                 str(tmp_path / "out"), "--batch-size", "5", "--no-progress"]) == 0
-    by_cli = [png_pixels(s["png"]) for s in read_tar(tmp_path / "out" / "s-000.tar")]
-    stage = protect_stage(protection, batch_size=3)
-    by_stage = [png_pixels(s["png"]) for s in wds.WebDataset(shard, shardshuffle=False).compose(stage)]
-    (tmp_path / "pq").mkdir()
-    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in pngs], "label": labels}),
-                   tmp_path / "pq" / "a.parquet")
-    assert main(["protect", "--protection", str(tmp_path / "prot"), "--input", str(tmp_path / "pq" / "a.parquet"),
-                 "--output", str(tmp_path / "pq-out"), "--batch-size", "4", "--no-progress"]) == 0
-    by_parquet = [png_pixels(r["bytes"]) for r in pq.read_table(tmp_path / "pq-out" / "a.parquet")["image"].to_pylist()]
-    by_dataset = [to_chw(image) for image, _ in ProtectedDataset(
-        [(Image.open(io.BytesIO(b)), y) for b, y in zip(pngs, labels)], protection)]
-    for results in (by_map, by_cli, by_stage, by_parquet, by_dataset):
-        assert len(results) == len(by_transform)
-        for a, b in zip(by_transform, results):
-            assert torch.equal(a, b)
-    assert all(not torch.equal(a, png_pixels(b)) for a, b in zip(by_transform, pngs))
-
-
 def test_shards_count_samples_passed_unprotected_and_fail_or_skip_them_otherwise(tmp_path):
-    pngs, labels = _inputs()
+    pngs, labels = mixed_inputs()
     keys = [str(i) for i in range(len(pngs))]
     protection = _samplewise(tmp_path, [png_pixels(b) for b in pngs[:8]], keys[:8])
     protection.save(tmp_path / "prot")
@@ -234,7 +168,7 @@ def test_key_lookup_survives_resharding_and_the_batch_loader(tmp_path):
     from ue_datasets.apply.wds import protect_shards
     from ue_datasets.transforms import ProtectBatch
 
-    pngs, labels = _inputs()
+    pngs, labels = mixed_inputs()
     pngs, labels = pngs[:9:3], labels[:9:3]  # same-size RGB images, so they stack into one batch
     keys = [f"k{i}" for i in range(len(pngs))]
     protection = _samplewise(tmp_path, [png_pixels(b) for b in pngs], keys)
@@ -258,7 +192,7 @@ def test_key_lookup_survives_resharding_and_the_batch_loader(tmp_path):
 def test_spawned_workers_find_each_samples_noise_in_the_bank(tmp_path):
     from ue_datasets.apply.wds import protect_shards
 
-    pngs, labels = _inputs()
+    pngs, labels = mixed_inputs()
     keys = [f"k{i}" for i in range(len(pngs))]
     protection = _samplewise(tmp_path, [png_pixels(b) for b in pngs], keys)
     protection.save(tmp_path / "prot")

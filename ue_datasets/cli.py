@@ -54,17 +54,12 @@ def _fit_clusters(args: argparse.Namespace) -> int:
 
 def _fit_em(args: argparse.Namespace) -> int:
     """``fit em`` and ``fit salm``: fit into a cache beside the output, save, then drop the cache."""
-    import shutil
-    import tempfile
     from pathlib import Path
 
-    from .artifact import ArtifactError
-    from .fit import fit_em, fit_salm
+    from .fit import fit
     from .fit.em import remove_cache
 
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ArtifactError(f"{out}: exists and is not empty; pass --overwrite to replace it")
     cache = args.cache or f"{str(out).rstrip('/')}.cache"
     options = dict(
         label_field=args.label_field, image_field=args.image_field, key_field=args.key_field,
@@ -74,21 +69,13 @@ def _fit_em(args: argparse.Namespace) -> int:
         device=args.device, seed=args.seed, cache_dir=cache, keep_cache=True, limit=args.limit,
         progress=not args.no_progress,
     )
+    if args.method == "em":
+        options.update(mode=args.mode, subset=args.subset, resolution=args.resolution)
+    else:
+        options.update(mask_ratio=args.mask_ratio, mask_criterion=args.mask_criterion, mask_refresh=args.mask_refresh)
     src = args.input[0] if len(args.input) == 1 else args.input
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A sample-wise noise bank is written into a folder of this run's own, linked into the artifact, removed.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.bank-", dir=out.parent))
-    bank = scratch / "bank"
-    try:
-        if args.method == "em":
-            protection = fit_em(src, mode=args.mode, subset=args.subset, resolution=args.resolution,
-                                bank_dir=bank, **options)
-        else:
-            protection = fit_salm(src, mask_ratio=args.mask_ratio, mask_criterion=args.mask_criterion,
-                                  mask_refresh=args.mask_refresh, bank_dir=bank, **options)
-        protection.save(out, overwrite=args.overwrite)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    # fit() refuses a non-empty output before fitting and writes a sample-wise bank beside it, then into it
+    protection = fit(args.method, src, output=out, overwrite=args.overwrite, **options)
     if not args.keep_cache:  # only once the artifact is safely written
         remove_cache(cache, args.method)
     p = protection.params

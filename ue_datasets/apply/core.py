@@ -22,6 +22,7 @@ import torch
 
 from ..artifact import Protection
 from ..errors import UEDatasetsError
+from ..kernels.samples import colour_planes
 from . import bank as _bank  # noqa: F401  (registers the "key" lookup)
 from . import clusters as _clusters  # noqa: F401  (registers the "cluster" lookup)
 from .convolution import apply_convolution
@@ -166,7 +167,7 @@ def _protect_uint8(
     c = x.shape[1]
     if c not in (1, 2, 3, 4):
         raise UEDatasetsError(f"images must have 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) channels, got {c}")
-    colour = x[:, : 3 if c >= 3 else 1]
+    colour = colour_planes(x)
     mask = None
     if needs_keys(protection):
         if keys is None or len(keys) != x.shape[0]:

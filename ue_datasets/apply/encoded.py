@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..artifact import Protection
 from ..errors import SampleError, UEDatasetsError
+from ..kernels.samples import colour_planes
 from .core import check_label, method_of, needs_labels, protect_batch, uncovered
 from .images import (
     DEFAULT_MAX_PIXELS, PNG_LEVEL, Decoded, decode_with_profile, encode_png, holds_image, image_tensor,
@@ -97,11 +98,6 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield group
 
 
-def _colour(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(1, C, H, W)``: the colour planes of ``(C, H, W)`` pixels as the core sees them (alpha off)."""
-    return pixels[None, : 3 if pixels.shape[0] >= 3 else 1]
-
-
 def _decode_item(protection: Protection, item: Item, labelled: bool, max_pixels: int) -> Decoded:
     if labelled:
         reason = check_label(protection, item.label)
@@ -158,7 +154,7 @@ def protect_encoded_stream(
         results: list[Any] = [f.result() for f in decoding]
         ok = [i for i, d in enumerate(results) if not isinstance(d, SampleError)]
         if partial:
-            for i in [i for i in ok if bool(uncovered(protection, _colour(results[i].pixels), [items[i].key])[0])]:
+            for i in [i for i in ok if bool(uncovered(protection, colour_planes(results[i].pixels)[None], [items[i].key])[0])]:
                 ok.remove(i)
                 results[i] = (SampleError(items[i].source or source, items[i].key, NOT_FITTED) if unfitted == "error"
                               else pool.submit(lambda d: Unprotected(encode_png(d.pixels, png_level, d.icc_profile)),

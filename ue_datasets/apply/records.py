@@ -22,6 +22,8 @@ import fsspec
 import pyarrow as pa
 
 from ..errors import SampleError, SourceError, UEDatasetsError
+from ..kernels.samples import colour_planes
+from .images import image_tensor
 from .sources import resolve
 from .wds import image_field_of, label_of, read_samples
 
@@ -158,3 +160,15 @@ def _parquet_records(url: str, image_col: str, label_col: str, key_field: str | 
                 yield Record(url, key, data, rows[label_col][i] if labels else None,
                              {k: v[i] for k, v in rows.items() if k != image_col} if fields else None)
             offset += batch.num_rows
+
+
+def colour_image(record: Record) -> Any:
+    """The record's image decoded as uint8 ``(C, H, W)``, C = 1 or 3 (`colour_planes`), as the core sees it.
+
+    Raises:
+        SampleError: the image cannot be decoded (names the file and the key).
+    """
+    try:
+        return colour_planes(image_tensor(record.image))
+    except UEDatasetsError as e:
+        raise SampleError(record.source, record.key, str(e)) from None

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from ..apply.encoded import batched, shared_pool
-from ..apply.images import image_tensor, resize_square
-from ..apply.records import Record, iter_records
-from ..errors import SampleError, UEDatasetsError
+from ..apply.images import resize_square
+from ..apply.records import colour_image, iter_records
+from ..errors import UEDatasetsError
 from ..kernels.samples import pixel_checksum
 from ..progress import progress_bar
 from ..version import __version__
@@ -49,15 +49,6 @@ class FeatureSet:
 
     def __len__(self) -> int:
         return len(self.keys)
-
-
-def _colour(record: Record) -> torch.Tensor:
-    """The record's image as uint8 ``(C, H, W)``, C = 1 or 3 (alpha dropped), as the core sees it."""
-    try:
-        t = image_tensor(record.image)
-    except UEDatasetsError as e:
-        raise SampleError(record.source, record.key, str(e)) from None
-    return t[:3] if t.shape[0] >= 3 else t[:1]
 
 
 def _write_part(path: Path, keys: list[str], features: list[torch.Tensor], images: list[torch.Tensor],
@@ -148,7 +139,7 @@ def extract_features(
                 batch = batch[: max(0, limit - n)]
                 if not batch:
                     break
-            images = list(pool.map(_colour, batch))
+            images = list(pool.map(colour_image, batch))
             feats.append(encoder.encode(images, batch_size=batch_size).float().cpu())
             sums.append(torch.cat([pixel_checksum(t[None]) for t in images]))
             small.extend(resize_square(t, resolution) for t in images)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from ..apply.encoded import batched, shared_pool
-from ..apply.images import image_tensor, resize_square
-from ..apply.records import Record, iter_records
+from ..apply.images import resize_square
+from ..apply.records import Record, colour_image, iter_records
 from ..errors import SampleError, UEDatasetsError
 from ..kernels.samples import pixel_checksum
 from ..progress import progress_bar
@@ -43,15 +43,6 @@ def derive_seed(*parts: object) -> int:
     """A 63-bit seed from ``parts`` (their ``repr``), the same in every process: the fits' shuffles,
     subsets and random masks each get their own."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-def _colour(record: Record) -> torch.Tensor:
-    """uint8 ``(C, H, W)``, C = 1 or 3 (alpha dropped), as the core sees the record's image."""
-    try:
-        t = image_tensor(record.image)
-    except UEDatasetsError as e:
-        raise SampleError(record.source, record.key, str(e)) from None
-    return t[:3] if t.shape[0] >= 3 else t[:1]
 
 
 def _label(record: Record, num_classes: int | None) -> int:
@@ -312,7 +303,7 @@ def build_store(src: str, directory: str | os.PathLike, *, image_field: str | No
                 batch = batch[: max(0, limit - n)] if limit is not None else batch
                 if not batch:
                     break
-                for record, image in zip(batch, pool.map(_colour, batch)):
+                for record, image in zip(batch, pool.map(colour_image, batch)):
                     labels.append(_label(record, num_classes))
                     keys.append(record.key)
                     shapes.append(tuple(image.shape))

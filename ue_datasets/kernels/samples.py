@@ -18,6 +18,12 @@ import torch
 _CHUNK_VALUES = 1 << 22
 
 
+def colour_planes(x: torch.Tensor) -> torch.Tensor:
+    """The colour planes of ``(..., C, H, W)`` images, as protections see them: C = 1 (L) or 3 (RGB);
+    a 2nd or 4th channel is alpha and is left out (a view, no copy)."""
+    return x[..., : 3 if x.shape[-3] >= 3 else 1, :, :]
+
+
 def pixel_checksum(x: torch.Tensor) -> torch.Tensor:
     """Two position-weighted sums of each image's bytes, exact on every device.
 
