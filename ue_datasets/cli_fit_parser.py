@@ -33,8 +33,7 @@ def add_fit_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpForm
                       help="share of samples protected, chosen from the key and each sample's key")
     cuda.add_argument("--quantize", choices=("truncate", "round"), default="truncate",
                       help="float to uint8: truncate as the official code, or round half up")
-    cuda.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    cuda.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    _add_output(cuda)
     
     uc = methods.add_parser(
         "clusters",
@@ -81,14 +80,22 @@ def add_fit_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpForm
                     help="k-means on all features at once, or mini-batch k-means streamed from the feature cache "
                          "(for feature sets larger than memory)")
     uc.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    uc.add_argument("--cache", default=None, metavar="DIR",
-                    help="feature cache and checkpoints (default: OUTPUT.cache); rerun to resume")
-    uc.add_argument("--keep-cache", action="store_true", help="keep the cache after a successful fit")
-    uc.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    uc.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
-    uc.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_output(uc, cache="feature cache and checkpoints")
     _add_em(methods, fmt)
     _add_salm(methods, fmt)
+
+
+def _add_output(p: argparse.ArgumentParser, cache: str | None = None) -> None:
+    """The artifact to write; for fits that stream data, also their resumable ``cache`` (what it holds) and
+    progress bars."""
+    if cache is not None:
+        p.add_argument("--cache", default=None, metavar="DIR",
+                       help=f"{cache} (default: OUTPUT.cache); rerun to resume")
+        p.add_argument("--keep-cache", action="store_true", help="keep the cache after a successful fit")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    if cache is not None:
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_em_options(p: argparse.ArgumentParser) -> None:
@@ -121,12 +128,7 @@ def _add_em_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=positive, default=None, help="fit on the first N samples only")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of the surrogate, the batch order and the masks")
-    p.add_argument("--cache", default=None, metavar="DIR",
-                   help="decoded samples, noise state and checkpoints (default: OUTPUT.cache); rerun to resume")
-    p.add_argument("--keep-cache", action="store_true", help="keep the cache after a successful fit")
-    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_output(p, cache="decoded samples, noise state and checkpoints")
 
 
 def _add_em(methods: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from ..apply.commit import write_json
 from ..errors import UEDatasetsError
-from .store import CHECKPOINT, atomic_json
+from .store import CHECKPOINT
 
 #: The file that marks a cache folder as made by a fit (only such a folder's contents are ever removed).
 CACHE_MARK = ".ue-datasets-fit-cache"
@@ -69,7 +70,7 @@ def write_checkpoint(directory: Path, state: dict, tensors: dict[str, torch.Tens
     tmp = directory / (name + ".partial")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
     os.replace(tmp, directory / name)
-    atomic_json(directory / CHECKPOINT, {**state, "weights": name})
+    write_json(str(directory / CHECKPOINT), {**state, "weights": name})
 
 
 def checkpoint_tensors(directory: Path, state: dict) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..apply.commit import write_json
 from ..apply.encoded import batched, shared_pool
 from ..apply.images import resize_square
 from ..apply.records import Record, colour_image, iter_records
@@ -55,12 +56,6 @@ def _label(record: Record, num_classes: int | None) -> int:
         bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
         raise SampleError(record.source, record.key, f"label {label} is not a class id {bound}")
     return label
-
-
-def atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -227,7 +222,7 @@ def _check_manifest(directory: Path, expected: dict) -> dict:
         directory.mkdir(parents=True, exist_ok=True)
         for stale in [*directory.glob("part-*"), directory / PIXELS]:
             stale.unlink(missing_ok=True)
-        atomic_json(path, {**expected, "complete": False})
+        write_json(str(path), {**expected, "complete": False})
         return {**expected, "complete": False}
     found = json.loads(path.read_text())
     different = sorted(k for k in expected if k != "ue_datasets_version" and found.get(k) != expected[k])
@@ -325,7 +320,7 @@ def build_store(src: str, directory: str | os.PathLike, *, image_field: str | No
         bar.close()
     if not _parts(directory):
         raise UEDatasetsError(f"{src}: no samples to fit on (is the source empty?)")
-    atomic_json(directory / MANIFEST, {**manifest, "complete": True})
+    write_json(str(directory / MANIFEST), {**manifest, "complete": True})
     return load_store(directory, num_classes)
 
 
