@@ -1,4 +1,5 @@
-"""All adapters give the same pixels for the same input, for every kind of method: transform, datasets.map,
+"""All adapters give the same pixels for the same input, for every kind of method (CUDA, EM class- and
+sample-wise, Unlearnable Clusters with additive blocks and with filters): transform, datasets.map,
 webdataset stage and shard rewriter, parquet rewriter, ProtectedDataset, and the CLI."""
 
 from __future__ import annotations
@@ -22,7 +23,19 @@ from ue_datasets.cli import main
 from ue_datasets.transforms import Protect, ProtectedDataset
 
 
-@pytest.mark.parametrize("kind", ["convolution", "em-classwise", "em-samplewise"])
+def _clusters(tmp_path, pngs: list[bytes], keys: list[str], mode: str):
+    """A clusters protection fitted on the inputs with the weightless pixels encoder (rebuilt from its spec
+    in every adapter), ``blocks`` (additive) or ``filters`` (convolution) mode."""
+    from ue_datasets.fit.clusters import fit_clusters
+
+    (tmp_path / "fit").mkdir()
+    shard = write_shard(tmp_path / "fit" / "s-000.tar", [{"__key__": k, "png": b} for k, b in zip(keys, pngs)])
+    return fit_clusters(shard, "pixels:8", clusters=3, mode=mode, key=1, resolution=8, device="cpu",
+                        progress=False)
+
+
+@pytest.mark.parametrize("kind", ["convolution", "em-classwise", "em-samplewise", "clusters-blocks",
+                                  "clusters-filters"])
 def test_transform_map_stage_shards_parquet_dataset_and_cli_give_identical_pixels(tmp_path, request, kind):
     pngs, labels = mixed_inputs()
     keys = [str(i) for i in range(len(pngs))]  # the row index: the key datasets.map and parquet use too
@@ -30,8 +43,10 @@ def test_transform_map_stage_shards_parquet_dataset_and_cli_give_identical_pixel
         protection = request.getfixturevalue("protection")
     elif kind == "em-classwise":
         protection = _classwise()
-    else:
+    elif kind == "em-samplewise":
         protection = _samplewise(tmp_path, [png_pixels(b) for b in pngs], keys)
+    else:
+        protection = _clusters(tmp_path, pngs, keys, kind.split("-")[1])
     protection.save(tmp_path / "prot")
     protection = load_protection(tmp_path / "prot")
 
@@ -80,4 +95,5 @@ def test_transform_map_stage_shards_parquet_dataset_and_cli_give_identical_pixel
         for a, b in zip(by_transform, results):
             assert torch.equal(a, b)
     changed = [not torch.equal(a, png_pixels(b)) for a, b in zip(by_transform, pngs)]
-    assert any(changed) if kind == "convolution" else all(changed)  # the noise methods change every image
+    # the bounded noise methods change every image; filters may leave a flat image as it was
+    assert all(changed) if kind.startswith("em") or kind == "clusters-blocks" else any(changed)

@@ -22,7 +22,9 @@ from ue_datasets.artifact import Protection, load_protection
 from ue_datasets.cli import main
 from ue_datasets.encoders import load_encoder, parse_encoder
 from ue_datasets.errors import UEDatasetsError
-from ue_datasets.fit.clusters import fit_clusters, kl_to_center, parse_eps
+from ue_datasets.fit.budget import parse_eps
+from ue_datasets.fit.cluster_deltas import kl_to_center
+from ue_datasets.fit.clusters import fit_clusters
 from ue_datasets.fit.features import extract_features
 from ue_datasets.transforms import Protect, ProtectBatch
 
@@ -201,7 +203,7 @@ def test_faithful_mode_trains_one_bounded_generator_per_cluster(fitted):
 
 
 def test_fast_fit_resumes_from_its_checkpoint_and_cleans_only_its_own_files(fitted, tmp_path):
-    from ue_datasets.fit import clusters as fc
+    from ue_datasets.fit import cluster_deltas as fc
 
     spec = parse_encoder(fitted["spec"], size=16)
     kw = {"clusters": 3, "batch_size": 8, "resolution": 8, "device": "cpu", "progress": False, "mode": "fast"}

@@ -446,3 +446,98 @@ def test_resize_modes():
     )
     assert sq.preprocess(x).shape == (1, 3, 4, 4)
     torch.testing.assert_close(sq.preprocess(x)[0, 0], x[0, 0, :, ::2])
+
+
+# ----------------------------------------------------------------------------------------- registry
+
+
+def test_registry_lists_the_kinds_and_refuses_duplicates():
+    from ue_datasets.encoders import KINDS, list_encoder_kinds, parse_spec_name, register_kind
+
+    assert list_encoder_kinds() == KINDS == ("open_clip", "torchvision", "callable", "packaged", "pixels")
+    assert parse_spec_name("open_clip:RN50:openai") == ("open_clip", "RN50:openai")
+    assert parse_spec_name("pixels") == ("pixels", None)
+    assert parse_spec_name("pixels:") == ("pixels", "")
+    for taken in ("pixels", "local-dir"):
+        with pytest.raises(EncoderError, match="already registered"):
+            register_kind(taken, parse=None, load=lambda spec, device: None)
+    with pytest.raises(EncoderError, match="encoder kind must be one of"):
+        EncoderSpec(kind="nope", name="x", weights=None, size=8, mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def test_a_registered_kind_parses_loads_and_round_trips(monkeypatch):
+    from ue_datasets.encoders import list_encoder_kinds, register_kind, registry
+
+    monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))  # registered for this test only
+    monkeypatch.setattr(registry, "_PREFIXES", dict(registry._PREFIXES))
+
+    def parse(rest, over):
+        return EncoderSpec(kind="mean-colour", name=rest or "rgb", weights=None, size=4, mean=(0, 0, 0),
+                           std=(1, 1, 1), resize_mode="squash", interpolation="bilinear")
+
+    def load(spec, device):
+        return registry.Loaded(nn.Identity(), dim=3, features=lambda model, x: model(x).mean((2, 3)))
+
+    register_kind("mean-colour", parse=parse, load=load, usage=("'mean-colour:NAME'",))
+    assert list_encoder_kinds()[-1] == "mean-colour"
+    with pytest.raises(EncoderError, match="'mean-colour:NAME'"):
+        parse_encoder("nope:x")
+    enc = load_encoder("mean-colour:rgb")
+    assert enc.spec.kind == "mean-colour" and enc.spec.weights_digest.startswith("sha256:") and enc.dim == 3
+    torch.testing.assert_close(enc(torch.full((2, 3, 6, 6), 0.25)), torch.full((2, 3), 0.25))
+    assert EncoderSpec.from_json(enc.spec.to_json()) == enc.spec
+
+
+# ------------------------------------------------------------------------------------------- pixels
+
+
+def test_pixels_spec_shape_and_values(recwarn):
+    from ue_datasets.encoders import PIXELS_DIGEST
+
+    spec = parse_encoder("pixels")
+    assert (spec.kind, spec.name, spec.weights, spec.size) == ("pixels", "pixels", None, 28)
+    assert (spec.mean, spec.std) == ((0.5,) * 3, (0.5,) * 3)
+    assert (spec.resize_mode, spec.interpolation) == ("squash", "bilinear")
+    enc = load_encoder(spec)
+    assert enc.spec.weights_digest == PIXELS_DIGEST and PIXELS_DIGEST.startswith("sha256:")
+    assert enc.dim == 28 * 28 and not any(True for _ in enc.parameters())
+    assert not [w for w in recwarn if issubclass(w.category, RandomEncoderWarning)]  # not a network
+
+    z = enc(torch.rand(3, 3, 40, 50))
+    assert z.shape == (3, 784) and z.dtype == torch.float32
+    # a gray image gives its own SIZE x SIZE normalised pixels; RGB averages the normalised channels
+    gray = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    torch.testing.assert_close(enc(gray), ((gray.float() / 255 - 0.5) / 0.5).flatten(1))
+    rgb = torch.rand(2, 3, 28, 28)
+    torch.testing.assert_close(enc(rgb), ((rgb - 0.5) / 0.5).mean(1).flatten(1))
+    assert enc.encode([torch.rand(3, 30, 20), torch.rand(1, 28, 28)]).shape == (2, 784)
+
+    small = load_encoder("pixels:16")
+    assert small.spec.size == 16 and small(torch.rand(1, 3, 28, 28)).shape == (1, 256)
+    assert parse_encoder("pixels", size=8).size == 8  # keyword overrides win, as for every kind
+    for bad in ("pixels:abc", "pixels:0", "pixels:-3", "pixels:2.5"):
+        with pytest.raises(EncoderError, match="positive integer"):
+            parse_encoder(bad)
+
+
+def test_pixels_is_deterministic_and_differentiable():
+    a, b = load_encoder("pixels"), load_encoder("pixels")
+    x = torch.rand(4, 3, 33, 47)
+    assert torch.equal(a(x), b(x)) and a.spec == b.spec
+    x = torch.rand(2, 3, 36, 44, requires_grad=True)
+    a(x).pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_pixels_json_round_trip_and_load_from_spec():
+    enc = load_encoder(parse_encoder("pixels:12"))
+    d = json.loads(json.dumps(enc.spec.to_json()))
+    assert d["kind"] == "pixels" and d["weights"] is None and d["size"] == 12
+    back = EncoderSpec.from_json(d)
+    assert back == enc.spec
+    again = load_encoder(back)  # rebuilt from its spec, digest checked
+    x = torch.rand(2, 3, 20, 20)
+    torch.testing.assert_close(again(x), enc(x))
+    with pytest.raises(EncoderError, match="differ"):
+        load_encoder(EncoderSpec.from_json({**d, "weights_digest": "sha256:" + "0" * 64}))
+    assert load_encoder(back, "cpu").device.type == "cpu"

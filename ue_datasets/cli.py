@@ -26,8 +26,9 @@ def _fit_clusters(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .artifact import ArtifactError
+    from .audit.purity import PURITY
     from .encoders import parse_encoder
-    from .fit.clusters import fit_clusters, remove_cache
+    from .fit.clusters import fit_clusters, label_purity, remove_cache
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -40,14 +41,26 @@ def _fit_clusters(args: argparse.Namespace) -> int:
         mode=args.mode, cluster_data=args.cluster_data,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, resolution=args.resolution, seed=args.seed,
         kmeans_mode=args.kmeans, device=args.device, cache_dir=cache, keep_cache=True, image_field=args.image_field,
-        key_field=args.key_field, limit=args.limit, progress=not args.no_progress,
+        key_field=args.key_field, limit=args.limit, key=args.key, grid=args.grid, kernel_size=args.kernel_size,
+        blur=args.blur, progress=not args.no_progress,
     )
     protection.save(out, overwrite=args.overwrite)
     if not args.keep_cache:  # only once the artifact is safely written
         remove_cache(cache)
     p = protection.params
+    bound = "unbounded (filters)" if p["eps"] is None else f"eps {p['eps'] * 255:.1f}/255"
     print(f"fitted clusters: {p['samples']} images in {p['num_clusters']} clusters (sizes {p['cluster_sizes']}), "
-          f"eps {p['eps'] * 255:.1f}/255, {p['mode']} mode -> {out} (id {protection.id})")
+          f"{bound}, {p['mode']} mode -> {out} (id {protection.id})")
+    src = args.input[0] if len(args.input) == 1 else args.input
+    try:
+        purity = label_purity(protection, src, label_field=args.label_field, image_field=args.image_field,
+                              key_field=args.key_field)
+    except UEDatasetsError as e:  # the artifact is saved: say why purity is missing, and go on
+        print(f"cluster purity: not measured ({' '.join(str(e).split())})")
+    else:
+        low = f": below about {PURITY}, cluster-wise noise protects little against these labels"
+        print(f"cluster purity w.r.t. the source's labels: {purity:.3f}{low if purity < PURITY else ''} "
+              "(the fit never used them)")
     print("keep this directory secret: it holds the perturbations")
     return 0
 
@@ -170,6 +183,7 @@ def _audit(args: argparse.Namespace) -> int:
         defenses=tuple(d.strip() for d in args.defense.split(",") if d.strip()), relabel=args.relabel,
         probe=args.probe, baseline=not args.no_baseline, device=args.device, image_size=args.image_size,
         limit=args.limit, label_field=args.label_field, image_field=args.image_field, key_field=args.key_field,
+        protection=args.protection, oracle=not args.no_oracle,
     )
     report = run_audit(args.protected, args.clean, args.test, args.output, config, progress=not args.no_progress)
     print(markdown_table(report))

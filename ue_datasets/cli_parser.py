@@ -196,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--probe", action="store_true",
                        help="also report a linear probe on a SimCLR encoder trained on each set without labels")
     audit.add_argument("--no-baseline", action="store_true", help="do not train on the clean set")
+    audit.add_argument("--protection", metavar="DIR", default=None,
+                       help="the artifact the protected set was made with (the protector's secret); enables, for "
+                            "cluster-wise protections (clusters), the purity diagnostic of its clusters and the "
+                            "oracle bound (needs --clean)")
+    audit.add_argument("--no-oracle", action="store_true",
+                       help="with --protection: report the cluster purity but do not train the oracle set (the same "
+                            "perturbations given by the attacker's labels instead of the protector's clusters)")
     audit.add_argument("--image-size", type=positive, default=None, help="resize images to SIZE x SIZE on loading")
     audit.add_argument("--limit", type=positive, default=None, help="use at most N training samples per set")
     audit.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")

@@ -14,6 +14,9 @@ size with nearest-neighbour interpolation (``F.interpolate(mode="nearest")``, th
 is used on every colour channel; a three-channel delta on a grayscale image is averaged over its
 channels. Then ``x~ = clamp(x / 255 + delta, 0, 1)`` is quantised rounding half up, as the
 reference's ``save_image`` does: ``|x~ - x| <= floor(255 * eps + 0.5)`` grey levels.
+
+A ``filters``-mode protection (``params["kernel"] == "filter"``) holds a CUDA filter per cluster instead;
+the same lookup finds it and CUDA's kernel applies it (`ue_datasets.apply.convolution.apply_filters`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from ..artifact import Protection
 from ..errors import UEDatasetsError
 from ..kernels.nearest import nearest_center
 from ..kernels.samples import decode_keys, pixel_checksum
-from .noise import register_lookup
+from .noise import register_lookup, table_of
 
 _ENCODERS: dict[tuple[str, str], Any] = {}
 _TABLES: dict[str, dict[str, tuple[int, tuple[int, int]]]] = {}
@@ -181,5 +184,6 @@ def assign_clusters(protection: Protection, x: torch.Tensor, keys: Sequence[str]
 
 @register_lookup("cluster", uses={"keys"})
 def delta_by_cluster(protection: Protection, x: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
-    """Lookup of the ``clusters`` method: ``deltas[cluster]``, float32 ``(B, C, R, R)`` (`assign_clusters`)."""
-    return protection.tensors["deltas"][assign_clusters(protection, x, keys)]
+    """Lookup of the ``clusters`` method: ``deltas[cluster]``, float32 ``(B, C, R, R)`` (`assign_clusters`);
+    ``filters[cluster]``, ``(B, k, k)``, in ``filters`` mode."""
+    return protection.tensors[table_of(protection)][assign_clusters(protection, x, keys)]

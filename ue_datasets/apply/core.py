@@ -25,8 +25,8 @@ from ..errors import UEDatasetsError
 from ..kernels.samples import colour_planes
 from . import bank as _bank  # noqa: F401  (registers the "key" lookup)
 from . import clusters as _clusters  # noqa: F401  (registers the "cluster" lookup)
-from .convolution import apply_convolution
-from .noise import NOISE_METHODS, apply_noise, lookup_of
+from .convolution import apply_convolution, apply_filters
+from .noise import NOISE_METHODS, apply_noise, kernel_of, lookup_of
 
 Kernel = Callable[..., torch.Tensor]
 
@@ -71,10 +71,12 @@ def identity_protection() -> Protection:
 
 
 def method_of(protection: Protection) -> Method:
-    """How to apply ``protection``: its method's kernel, or the noise kernel with its lookup's conditions."""
+    """How to apply ``protection``: its method's kernel, or the noise (or filter) kernel with its lookup's
+    conditions."""
     if protection.method in NOISE_METHODS:
         lookup = lookup_of(protection)
-        return Method(apply_noise, lookup.needs, lookup.uses, lookup.label_range, lookup.covers)
+        kernel = apply_filters if kernel_of(protection) == "filter" else apply_noise
+        return Method(kernel, lookup.needs, lookup.uses, lookup.label_range, lookup.covers)
     try:
         return METHODS[protection.method]
     except KeyError:

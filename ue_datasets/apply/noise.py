@@ -11,6 +11,11 @@ cluster   its key (used if given) its fitted cluster's, else the nearest center'
 key       its key (needed)        its own, from the protection's noise bank (EM sample-wise, SALM)
 ========  ======================  =========================================================
 
+The ``class`` and ``cluster`` lookups also feed CUDA's convolution kernel: a protection with
+``params["kernel"] == "filter"`` holds a table ``filters`` (N, k, k) instead of ``deltas``, and each image is filtered with
+the row its lookup finds (`ue_datasets.apply.convolution.apply_filters`; Unlearnable Clusters'
+``filters`` mode). `table_of` names the table a protection's lookup reads.
+
 A lookup is registered with `register_lookup` where it is defined (``apply/clusters.py``,
 ``apply/bank.py``) and chosen by the protection's ``params["lookup"]`` (or its method's default).
 It returns float32 ``(B, Cd, R, R)`` in [-eps, eps] at a reference resolution (resized nearest), or
@@ -29,8 +34,13 @@ from ..artifact import Protection
 from ..errors import UEDatasetsError
 from ..kernels.noise import add_delta
 
-#: Methods protected by the additive-noise path, and the lookup of artifacts that name none.
+#: Methods whose samples find their rows by a lookup (the additive-noise path, or filters for a
+#: ``kernel: filter`` protection), and the lookup of artifacts that name none.
 NOISE_METHODS: dict[str, str] = {"clusters": "cluster", "em": "class", "salm": "key"}
+#: What a lookup's rows are fed to (``params["kernel"]``): added as noise, or convolved as filters.
+KERNELS = ("noise", "filter")
+#: The lookups whose rows can be filters (they index a table; a bank holds noise levels only).
+FILTER_LOOKUPS = ("class", "cluster")
 
 
 @dataclass(frozen=True)
@@ -82,15 +92,46 @@ def lookup_of(protection: Protection) -> Lookup:
         ) from None
 
 
+def kernel_of(protection: Protection) -> str:
+    """The kernel a lookup protection's rows feed (one of `KERNELS`; default ``noise``)."""
+    kernel = protection.params.get("kernel", "noise")
+    if kernel not in KERNELS:
+        raise UEDatasetsError(
+            f"protection {protection.method!r} asks for kernel {kernel!r}; this ue-datasets has {KERNELS}"
+        )
+    if kernel == "filter":
+        lookup = lookup_of(protection).name
+        missing = [k for k in ("grayscale", "quantize") if k not in protection.params]
+        if lookup not in FILTER_LOOKUPS or "filters" not in protection.tensors or missing:
+            raise UEDatasetsError(
+                f"protection {protection.method!r} asks for the filter kernel, which needs one of the lookups "
+                f"{FILTER_LOOKUPS} (it has {lookup!r}), a 'filters' tensor and the grayscale/quantize parameters"
+            )
+    return kernel
+
+
+def table_of(protection: Protection) -> str:
+    """The tensor whose rows the lookup picks: ``filters`` for the filter kernel, else ``deltas``."""
+    return "filters" if kernel_of(protection) == "filter" else "deltas"
+
+
+def look_up(protection: Protection, x: torch.Tensor, **conditions: object) -> torch.Tensor:
+    """The rows of each sample (delta or filter) found by the protection's lookup, on ``x``'s device.
+
+    Only the conditions the lookup needs or uses are passed on.
+    """
+    lookup = lookup_of(protection)
+    given = {k: v for k, v in conditions.items() if k in lookup.needs | lookup.uses}
+    return lookup.fn(protection, x, **given).to(x.device)
+
+
 def apply_noise(protection: Protection, x: torch.Tensor, **conditions: object) -> torch.Tensor:
     """Kernel of every noise method: uint8 ``(B, C, H, W)`` in, the same out (C = 1 or 3).
 
     ``params["legacy_clamp"]`` reproduces the EM reference's apply (its bug 1): float deltas lose
     their negative values (clamped at 0) and the sum is truncated (``rounding: truncate``).
     """
-    lookup = lookup_of(protection)
-    given = {k: v for k, v in conditions.items() if k in lookup.needs | lookup.uses}
-    delta = lookup.fn(protection, x, **given).to(x.device)
+    delta = look_up(protection, x, **conditions)
     if protection.params.get("legacy_clamp") and delta.is_floating_point():
         delta = delta.clamp(min=0)
     return add_delta(x, delta, protection.params.get("rounding", "half-up"))
@@ -98,6 +139,7 @@ def apply_noise(protection: Protection, x: torch.Tensor, **conditions: object) -
 
 @register_lookup("class", needs={"labels"}, label_range="num_classes")
 def delta_by_class(protection: Protection, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``deltas[label]``: float32 ``(B, Cd, R, R)`` from ``deltas`` ``(num_classes, Cd, R, R)``."""
-    deltas = protection.tensors["deltas"]
-    return deltas[labels.to(deltas.device)]
+    """``deltas[label]``: float32 ``(B, Cd, R, R)`` from ``deltas`` ``(num_classes, Cd, R, R)`` (or
+    ``filters[label]``, ``(B, k, k)``, for the filter kernel)."""
+    table = protection.tensors[table_of(protection)]
+    return table[labels.to(table.device)]

@@ -10,7 +10,10 @@ the protected set then says little. `audit_warnings` checks every clean-trained 
   (at least the last one), so training stopped before the model converged;
 - **one epoch**: no trend to judge convergence by;
 - **few images per class**: fewer than `MIN_PER_CLASS` clean training images per class on average;
-- **no baseline**: no clean set, or ``--no-baseline``.
+- **no baseline**: no clean set, or ``--no-baseline``;
+- **impure clusters**: a cluster-wise protection (``--protection``) whose clusters have a purity below
+  `PURITY` w.r.t. the attacker's labels (`ue_datasets.audit.purity`): its noise then protects little,
+  whatever the protected rows say at this budget; the oracle row says what perfect clusters would give.
 
 Each warning is one line that says what to change.
 """
@@ -18,6 +21,8 @@ Each warning is one line that says what to change.
 from __future__ import annotations
 
 from typing import Any
+
+from .purity import PURITY
 
 #: A clean peak below chance + this fraction of (100 % - chance) is "near chance".
 CHANCE_FRACTION = 0.25
@@ -86,9 +91,35 @@ def _baseline_rows(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def _cluster_rows(report: dict[str, Any]) -> list[str]:
+    """The impure-clusters warning, with the oracle's and the protected peak under ``none`` (or the first
+    defense) when both were trained."""
+    clusters = report.get("clusters")
+    if not clusters or clusters["purity"]["attacker labels"] >= PURITY:
+        return []
+    purity = clusters["purity"]["attacker labels"]
+    peaks = {(r["defense"], r["training_set"]): r["peak"] for r in report["results"]}
+    names = [d["name"] for d in report["defenses"]]
+    defense = "none" if "none" in names else (names[0] if names else None)
+    compared = ""
+    if (defense, "oracle") in peaks and (defense, "protected") in peaks:
+        compared = (f" (oracle, clusters = the attacker's classes: {_pct(peaks[(defense, 'oracle')])} vs protected "
+                    f"{_pct(peaks[(defense, 'protected')])}, peak under {defense})")
+    return [
+        f"cluster purity w.r.t. the attacker's labels is {purity:.2f}: below about {PURITY}, cluster-wise noise "
+        f"protects little{compared}; use clusters that match the classes better (a stronger surrogate encoder, "
+        "K = the number of classes) or a class-wise protection"
+    ]
+
+
 def audit_warnings(report: dict[str, Any]) -> list[str]:
     """Warnings about the audit in ``report`` (as `run_audit` builds it: ``results``, ``config``,
-    ``labels``, ``sizes``), each one line ending in what to change; empty when the baseline is sound."""
+    ``labels``, ``sizes``, ``clusters``), each one line ending in what to change; empty when the baseline
+    is sound and the clusters (if any) are pure."""
+    return _baseline_warnings(report) + _cluster_rows(report)
+
+
+def _baseline_warnings(report: dict[str, Any]) -> list[str]:
     if not report["sizes"]["clean"]:
         return [("no --clean set: there is no clean-trained baseline, so the protected accuracies cannot be "
                  "judged (a low number may just be a model that learned nothing); pass the clean training set as --clean")]

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .purity import PURITY
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -31,21 +33,43 @@ def _num(v: Any, digits: int = 2) -> str:
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """The results table: peak and final clean test accuracy per defense, clean- vs protected-trained."""
+    """The results table: peak and final clean test accuracy per defense, clean- vs protected-trained,
+    and oracle-trained (the cluster-wise protection's bound, `ue_datasets.audit.purity`) when trained."""
     rows = {}
     for r in report["results"]:
         rows.setdefault(r["defense"], {})[r["training_set"]] = r
-    lines = [
-        "| defense | clean-trained peak | clean-trained final | protected-trained peak | protected-trained final |",
-        "|---|---|---|---|---|",
-    ]
+    oracle = any(r["training_set"] == "oracle" for r in report["results"])
+    head = "| defense | clean-trained peak | clean-trained final | protected-trained peak | protected-trained final |"
+    lines = [head + (" oracle-trained peak | oracle-trained final |" if oracle else ""),
+             "|---|---|---|---|---|" + ("---|---|" if oracle else "")]
     for defense, by_set in rows.items():
-        c, p = by_set.get("clean"), by_set.get("protected")
+        c, p, o = by_set.get("clean"), by_set.get("protected"), by_set.get("oracle")
         lines.append(
             f"| {defense} | {_pct(c and c['peak'])} | {_pct(c and c['final'])} | "
             f"**{_pct(p and p['peak'])}** | {_pct(p and p['final'])} |"
+            + (f" {_pct(o and o['peak'])} | {_pct(o and o['final'])} |" if oracle else "")
         )
     return "\n".join(lines)
+
+
+def clusters_paragraph(clusters: dict[str, Any] | None) -> list[str]:
+    """The "Clusters" section of ``report.md`` (purity and how to read the oracle rows); none without one."""
+    if not clusters:
+        return []
+    purity = clusters["purity"]
+    oracle = ("The oracle columns train on the clean set with the same perturbations given by the attacker's labels "
+              f"(modulo {clusters['num_clusters']}) instead of the protector's clusters: the most this perturbation "
+              "could do with perfect clusters." if clusters["oracle"] else "No oracle set was trained (--no-oracle).")
+    return [
+        "## Clusters",
+        "",
+        f"The protection perturbs by cluster: {clusters['num_clusters']} clusters (sizes "
+        f"{', '.join(map(str, clusters['sizes']))} on the clean training set). Purity of the protector's clusters "
+        f"(share of samples whose cluster's majority label is theirs): **{purity['true labels']:.2f}** w.r.t. the "
+        f"true labels, **{purity['attacker labels']:.2f}** w.r.t. the attacker's labels. Below about {PURITY} purity, "
+        f"additive cluster noise does little. {oracle}",
+        "",
+    ]
 
 
 def imperceptibility_table(metrics: dict[str, Any]) -> str:
@@ -83,6 +107,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
         *warnings_block(report["warnings"]),
         f"- protected: `{report['inputs']['protected']}` ({report['sizes']['protected']} images)",
         f"- clean: `{report['inputs']['clean']}` ({report['sizes']['clean']} images)",
+        *([f"- oracle: the clean set with the protection's perturbations by the attacker's labels "
+           f"({report['sizes']['oracle']} images; see Clusters)"] if "oracle" in report["sizes"] else []),
         f"- test: `{report['inputs']['test']}` ({report['sizes']['test']} images, clean)",
         f"- model: `{cfg['model']}`, {cfg['epochs']} epochs, batch {cfg['batch_size']}, lr {cfg['lr']}, "
         f"seed {cfg['seed']}, device {cfg['device']}",
@@ -94,6 +120,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
         "",
         markdown_table(report),
         "",
+        *clusters_paragraph(report.get("clusters")),
         "## Imperceptibility (clean vs protected, same keys)",
         "",
         imperceptibility_table(report["imperceptibility"]) if report["imperceptibility"] else "n/a: no --clean set given",
@@ -128,7 +155,8 @@ _DODGE = 0.3
 
 def accuracy_figure(report: dict[str, Any]) -> Figure:
     """Clean test accuracy per epoch (a matplotlib ``Figure``): one colour and marker per defense,
-    protected-trained solid with filled markers, clean-trained dashed with hollow ones. So that equal
+    protected-trained solid with filled markers, clean-trained dashed with hollow ones, oracle-trained
+    (`ue_datasets.audit.purity`) dotted with hollow ones. So that equal
     curves (``blur:0.1`` often matches ``none``) cannot hide each other, each defense's points are
     shifted sideways by up to `_DODGE` / 2 epoch and curves are drawn thickest first. Epochs are integer
     ticks; the legend sits outside the axes."""
@@ -145,13 +173,13 @@ def accuracy_figure(report: dict[str, Any]) -> Figure:
     for i, r in enumerate(report["results"]):
         k = defenses.index(r["defense"])
         colour = colours(k % colours.N)
-        clean = r["training_set"] == "clean"
+        style = {"clean": "--", "oracle": ":"}.get(r["training_set"], "-")
         shrink = i / max(1, n - 1)  # 0 for the first curve drawn, 1 for the last
         shift = _DODGE * (k / (len(defenses) - 1) - 0.5) if len(defenses) > 1 else 0.0
         epochs = [e + shift for e in range(1, len(r["test_accuracy"]) + 1)]
-        ax.plot(epochs, [100 * a for a in r["test_accuracy"]], "--" if clean else "-", color=colour,
+        ax.plot(epochs, [100 * a for a in r["test_accuracy"]], style, color=colour,
                 linewidth=3.0 - 1.8 * shrink, marker=_MARKERS[k % len(_MARKERS)], markersize=10 - 5 * shrink,
-                markerfacecolor="white" if clean else colour, markeredgewidth=1.2,
+                markerfacecolor="white" if style != "-" else colour, markeredgewidth=1.2,
                 label=f"{r['defense']} / {r['training_set']}")
     last = max((len(r["test_accuracy"]) for r in report["results"]), default=1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -160,7 +188,9 @@ def accuracy_figure(report: dict[str, Any]) -> Figure:
     ax.set_ylabel("clean test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.set_title("trained on protected (solid, filled) vs clean (dashed, hollow) data")
+    oracle = any(r["training_set"] == "oracle" for r in report["results"])
+    ax.set_title("trained on protected (solid, filled) vs clean (dashed, hollow)"
+                 + (" and oracle (dotted, hollow)" if oracle else "") + " data")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig

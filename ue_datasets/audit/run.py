@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import fsspec
+import torch
 
 from ..apply.commit import stats_url
-from ..apply.core import resolve_device
+from ..apply.core import protect_batch, resolve_device
 from ..apply.sources import HF_STATS, resolve
+from ..artifact import Protection, load_protection
 from ..errors import UEDatasetsError
 from ..version import __version__
 from .checks import audit_warnings
@@ -22,6 +24,7 @@ from .cost import Forecast, SettingCost, classifier_cost, cost_table, probe_cost
 from .data import LabelledImages, align, load_labelled
 from .defenses import Defense, parse_defenses
 from .metrics import difference_grid, imperceptibility
+from .purity import cluster_purity, clusters_of, is_cluster_wise, oracle_protection
 from .relabel import parse_relabel
 from .report import plot_accuracy, write_json, write_markdown
 from .train import TrainConfig, linear_probe_ssl, train_classifier
@@ -43,6 +46,14 @@ class AuditConfig:
         device: ``auto``, ``cpu`` or ``cuda``.
         image_size: resize images to this size when loading (needed when sizes differ).
         limit: use at most this many training samples of each training set.
+        protection: the artifact directory the protected set was made with (the protector's secret), used
+            only for the diagnostics of cluster-wise protections: the purity of the protector's clusters of
+            the clean training set w.r.t. the true and the attacker's labels (``report["clusters"]``). Needs
+            the clean set; ignored (``clusters: None``) for other methods.
+        oracle: with such a protection, also train on the ``oracle`` set: the clean training set protected
+            with the same perturbations by the attacker's labels modulo K
+            (`ue_datasets.audit.purity.oracle_protection`), the most this perturbation could do with
+            perfect clusters.
     """
 
     model: str = "small-cnn"
@@ -60,6 +71,8 @@ class AuditConfig:
     label_field: str | None = None
     image_field: str | None = None
     key_field: str | None = None
+    protection: str | None = None
+    oracle: bool = True
 
 
 @dataclass
@@ -103,22 +116,33 @@ def run_audit(
     progress: bool = True,
     stream: TextIO | None = None,
 ) -> dict[str, Any]:
-    """Train on ``protected`` (and ``clean``) under each defense, test on clean ``test``; write the report.
+    """Train on ``protected`` (and ``clean``, and the oracle set) under each defense, test on clean ``test``;
+    write the report.
 
     Writes ``report.json``, ``report.md``, ``accuracy.png`` and ``grid.png`` (with a clean set) into
     ``output``. Before training, prints a cost estimate per setting to ``stream`` (default
     ``sys.stderr``), then after the first epoch an estimate of the total seconds; at the end, the
     report's warnings (`ue_datasets.audit.checks`).
 
+    With ``config.protection`` naming a cluster-wise protection, also reports ``clusters`` (`_clusters`)
+    and, with ``config.oracle``, trains an ``oracle`` set beside ``clean`` and ``protected``.
+
     Returns:
         The report (as in ``report.json``): ``warnings`` (lines), ``cost`` (estimate and measured
-        seconds per setting) and ``files`` (file name -> path written) among the rest.
+        seconds per setting), ``clusters`` (``None`` without a cluster-wise ``config.protection``) and
+        ``files`` (file name -> path written) among the rest.
+
+    Raises:
+        UEDatasetsError: among others, a cluster-wise ``config.protection`` without a ``clean`` set.
     """
     start = time.perf_counter()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     defenses = parse_defenses(",".join(config.defenses))
     device = str(resolve_device(config.device))
+    protection = load_protection(config.protection) if config.protection else None
+    if protection is not None:
+        _check_protection(protection, protected, clean, config)
     sets = _load(protected, clean, test, config)
     num_classes = int(max(int(s.labels.max()) for s in (sets.protected, sets.clean, sets.test) if s is not None)) + 1
     mapping = parse_relabel(config.relabel, num_classes)
@@ -148,9 +172,16 @@ def run_audit(
         difference_grid(a[:8], b[:8]).save(out / "grid.png")
     else:
         report["imperceptibility"] = None
+    report["clusters"], oracle = None, None
+    if protection is not None and is_cluster_wise(protection) and sets.clean is not None:
+        report["clusters"], oracle = _clusters(protection, sets.clean, relabelled, config.oracle, device)
+        if oracle is not None:
+            report["sizes"]["oracle"] = len(oracle)
 
     training_sets = [("clean", sets.clean)] if (config.baseline and sets.clean is not None) else []
     training_sets.append(("protected", sets.protected))
+    if oracle is not None:
+        training_sets.append(("oracle", oracle))
     plan: list[tuple[Defense | None, str, LabelledImages]] = [
         (d, name, data) for d in defenses for name, data in training_sets]
     if config.probe:
@@ -187,6 +218,53 @@ def run_audit(
     return report
 
 
+def _check_protection(protection: Protection, protected: str, clean: str | None, config: AuditConfig) -> None:
+    """Refuse a ``--protection`` the diagnostics would misread: another protection than the one the
+    protected set names, no clean set, or clean images resized (``--image-size``) away from the pixels
+    the protection saw (their clusters and oracle would not be the ones apply gave)."""
+    named = _protection_of(protected)
+    if named is not None and named.get("id") not in (None, protection.id):
+        raise UEDatasetsError(f"--protection {config.protection}: its id {protection.id} is not the id "
+                              f"{named.get('id')} the protected set {protected} was made with")
+    if not is_cluster_wise(protection):
+        return
+    if clean is None:
+        raise UEDatasetsError("--protection with a cluster-wise protection: the cluster purity and the oracle bound "
+                              "are computed on the clean training set; pass it as --clean")
+    if config.image_size is not None:
+        raise UEDatasetsError("--protection with --image-size: the purity and the oracle need the clean images at "
+                              "the size they were protected at; drop --image-size")
+
+
+def _clusters(protection: Protection, clean: LabelledImages, relabelled: Any, oracle: bool,
+              device: str, batch_size: int = 256) -> tuple[dict[str, Any], LabelledImages | None]:
+    """``report["clusters"]`` and the oracle training set (or ``None`` without ``oracle``).
+
+    The protector's clusters of the clean training set are the ones apply gives (`clusters_of`);
+    ``purity`` is `cluster_purity` w.r.t. the true labels and the attacker's (relabelled) ones. The
+    oracle set is the clean set protected by `oracle_protection` with the attacker's labels modulo K;
+    its labels stay the true ones (relabelled for training like every set's).
+    """
+    k = int(protection.params["num_clusters"])
+    clusters = clusters_of(protection, clean.images, clean.keys, batch_size, device)
+    attacker = relabelled(clean.labels)
+    section = {
+        "num_clusters": k,
+        "sizes": torch.bincount(clusters, minlength=k).tolist(),
+        "purity": {"true labels": round(cluster_purity(clusters, clean.labels), 4),
+                   "attacker labels": round(cluster_purity(clusters, attacker), 4)},
+        "oracle": oracle,
+    }
+    if not oracle:
+        return section, None
+    o = oracle_protection(protection)
+    images = torch.cat([
+        protect_batch(o, clean.images[i:i + batch_size], labels=attacker[i:i + batch_size] % k,
+                      keys=clean.keys[i:i + batch_size], device=device)
+        for i in range(0, len(clean), batch_size)])
+    return section, LabelledImages(images, clean.labels, clean.keys, f"oracle({clean.source})")
+
+
 def _training(d: Defense) -> dict[str, Any]:
     """The `TrainConfig` fields a defense sets (augmentation, adversarial training)."""
     if d.adversarial_eps is None:
@@ -196,6 +274,8 @@ def _training(d: Defense) -> dict[str, Any]:
 
 
 def _costs(plan: list[tuple[Defense | None, str, LabelledImages]], epochs: int, n_test: int) -> list[SettingCost]:
+    """One cost per run of ``plan`` (clean, protected and oracle sets alike, by their sizes); the oracle
+    set's making (one protect pass over the clean set) happens before the estimate and is not counted."""
     return [probe_cost(name, epochs, len(data), n_test) if d is None
             else classifier_cost(d, name, epochs, len(data), n_test) for d, name, data in plan]
 

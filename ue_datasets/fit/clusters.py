@@ -5,21 +5,27 @@ Three stages, each with a progress bar:
 1. features: every image is embedded with a surrogate encoder (`features.extract_features`,
    resumable parts on disk);
 2. clusters: k-means (`kmeans`) on the features gives K centers and each sample's cluster;
-3. perturbations: one ``delta_k`` per cluster, bounded by ``eps`` in L-inf, such that the surrogate
-   features of ``x + delta_k`` move towards the *next* cluster's center ``(k + 1) mod K``:
-   ``loss = KL(softmax(center_t) || softmax(f(x + delta_k)))`` (softmax over feature dimensions).
+3. perturbations: one per cluster: a ``delta_k`` bounded by ``eps`` in L-inf, optimised so that the
+   surrogate features of ``x + delta_k`` move towards the *next* cluster's center ``(k + 1) mod K``
+   (``loss = KL(softmax(center_t) || softmax(f(x + delta_k)))``, softmax over feature dimensions), or
+   drawn from a key (block patterns, filters).
 
-Two ways to get the deltas:
+Four ways to get the perturbations (``mode``):
 
-* ``mode="faithful"``, as the reference code (``methods.md`` §2.5-2.6; reconstructed, the code has no
+* ``"faithful"``, as the reference code (``methods.md`` §2.5-2.6; reconstructed, the code has no
   licence): per cluster a fresh ResNet generator with a fixed uniform noise input, Adam (lr 1e-4,
   weight decay 5e-4), cosine schedule per iteration to 1e-6, batches of 256 without shuffling, the
   images augmented (resize by 256/224, random crop back, horizontal flip) before the noise is added;
   ``delta_k = clamp(G_k(sigma_k), -eps, eps)`` with the generator left in train mode.
-  Cost: K x epochs passes over the data.
-* ``mode="fast"`` (ours): the K deltas are optimised directly, all in the same pass: each image of a
+  Cost: K x epochs passes over the data (`cluster_deltas.train_generators`).
+* ``"fast"`` (ours): the K deltas are optimised directly, all in the same pass: each image of a
   batch draws a cluster, gets that cluster's delta and is pushed towards the next center; signed
-  gradient steps (as PGD) of ``step * eps``, projected on the L-inf ball. Cost: epochs passes.
+  gradient steps (as PGD) of ``step * eps``, projected on the L-inf ball. Cost: epochs passes
+  (`cluster_deltas.train_deltas`).
+* ``"blocks"`` (ours): key-derived low-frequency ``+-eps`` block patterns (`cluster_patterns`), bounded
+  by eps as the others; with ``epochs > 0`` refined by the fast mode's steps from that start.
+* ``"filters"``: a key-derived CUDA filter per cluster (`cluster_patterns`), applied by the
+  convolution kernel (``params["kernel"] = "filter"``); **not bounded in L-inf** (``eps`` is ignored).
 
 ``cluster_data`` decides which images train ``delta_k``: ``"all"`` (every image, as the reference
 code, whose generators all train on the whole set) or ``"members"`` (only cluster k's images, the
@@ -47,7 +53,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -57,156 +62,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..apply.core import resolve_device
 from ..artifact import Protection
 from ..errors import UEDatasetsError
 from ..kernels.samples import encode_keys
-from ..progress import progress_bar
 from .budget import parse_eps
+from .cluster_deltas import train_deltas, train_generators
+from .cluster_patterns import DEFAULT_GRID, block_patterns, check_filter_options, check_grid, check_key, cluster_filters
 from .cost import MODES, StepTimer, estimate_cost, say, source_size
-from .features import FeatureSet, extract_features, iter_features
-from .generator import ResnetGenerator
+from .features import extract_features, iter_features
 from .kmeans import kmeans, minibatch_kmeans
 
 KMEANS = ("full", "minibatch")
 CHECKPOINT = "deltas-*.safetensors"
 CLUSTER_DATA = ("all", "members")
-DEFAULT_EPOCHS = {"faithful": 50, "fast": 10}
-DEFAULT_LR = {"faithful": 1e-4, "fast": 0.1}
-
-
-def kl_to_center(z: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-    """``KL(softmax(center) || softmax(z))`` per row, softmax over features.
-
-    Args:
-        z: ``(B, D)`` surrogate features; center: ``(B, D)`` or ``(D,)`` target centers.
-
-    Returns:
-        ``(B,)`` float.
-    """
-    p = F.softmax(center, dim=-1).expand_as(z)
-    return F.kl_div(F.log_softmax(z, dim=-1), p, reduction="none").sum(-1)
-
-
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The reference's Resize(256) -> RandomCrop(224) -> HFlip, scaled to ``x``'s size R.
-
-    ``x``: float ``(B, C, R, R)``; upscaled to ``round(R * 256 / 224)``, one random crop per image.
-    """
-    r = x.shape[-1]
-    big = round(r * 256 / 224)
-    up = F.interpolate(x, size=(big, big), mode="bilinear", antialias=False, align_corners=False)
-    offsets = torch.randint(0, big - r + 1, (x.shape[0], 2), generator=generator).tolist()
-    flips = torch.rand(x.shape[0], generator=generator).lt(0.5).tolist()
-    out = [up[i, :, a : a + r, b : b + r] for i, (a, b) in enumerate(offsets)]
-    return torch.stack([o.flip(-1) if f else o for o, f in zip(out, flips)])
-
-
-def _train_images(data: FeatureSet, assignments: torch.Tensor, k: int | None) -> torch.Tensor:
-    return data.images if k is None else data.images[assignments == k]
-
-
-def _faithful(encoder, data: FeatureSet, centers: torch.Tensor, assignments: torch.Tensor, *, eps: float,
-              epochs: int, lr: float, batch_size: int, cluster_data: str, seed: int, device: torch.device,
-              checkpoint: Path, settings: dict[str, Any], progress: bool, timer: StepTimer) -> torch.Tensor:
-    """One generator per cluster (see the module docstring). Resumes cluster by cluster."""
-    K, C, R = centers.shape[0], data.images.shape[1], data.images.shape[-1]
-    deltas = _load_checkpoint(checkpoint, settings)
-    done = int(deltas.pop("done")) if "done" in deltas else 0
-    out = deltas.get("deltas", torch.zeros(K, C, R, R))
-    sizes = [len(data)] * K if cluster_data == "all" else torch.bincount(assignments, minlength=K).tolist()
-    timer.begin(sum(epochs * math.ceil(sizes[k] / batch_size) for k in range(done, K)))
-    for k in range(done, K):
-        g = torch.Generator().manual_seed(seed * 1000 + k)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + k)  # the generator's initial weights
-            net = ResnetGenerator(3, C).to(device).train()
-        sigma = torch.rand(1, 3, R, R, generator=g).to(device)
-        target = centers[(k + 1) % K].to(device)
-        images = _train_images(data, assignments, k if cluster_data == "members" else None)
-        if not len(images):
-            warnings.warn(f"cluster {k} has no members: its generator is not trained", stacklevel=2)
-        steps = epochs * math.ceil(len(images) / batch_size)
-        opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=5e-4)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=1e-6)
-        bar = progress_bar(total=steps, desc=f"generator {k + 1}/{K}", disable=not progress)
-        for _ in range(epochs):
-            for i in range(0, len(images), batch_size):
-                x = _augment(images[i : i + batch_size].to(device).float().div(255), g)
-                delta = net(sigma).clamp(-eps, eps)
-                loss = kl_to_center(encoder(torch.clamp(x + delta, 0, 1)), target).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                timer.tick()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3g}")
-        bar.close()
-        with torch.no_grad():  # train-mode batch norm, as the reference
-            out[k] = net(sigma).clamp(-eps, eps)[0].cpu()
-        _save_checkpoint(checkpoint, {"deltas": out, "done": torch.tensor(k + 1)}, settings)
-    return out
-
-
-def _fast(encoder, data: FeatureSet, centers: torch.Tensor, assignments: torch.Tensor, *, eps: float,
-          epochs: int, lr: float, batch_size: int, cluster_data: str, seed: int, device: torch.device,
-          checkpoint: Path, settings: dict[str, Any], progress: bool, timer: StepTimer) -> torch.Tensor:
-    """All K deltas at once by signed gradient steps (see the module docstring). Resumes by epoch."""
-    K, C, R = centers.shape[0], data.images.shape[1], data.images.shape[-1]
-    g = torch.Generator().manual_seed(seed)
-    state = _load_checkpoint(checkpoint, settings)
-    start = int(state["done"]) if "done" in state else 0
-    delta = state["deltas"] if "deltas" in state else (torch.rand(K, C, R, R, generator=g) * 2 - 1) * eps
-    delta = delta.to(device).requires_grad_(True)
-    centers = centers.to(device)
-    n = len(data)
-    steps = epochs * math.ceil(n / batch_size)
-    bar = progress_bar(total=steps, initial=start * math.ceil(n / batch_size), desc="perturbations",
-                       disable=not progress)
-    timer.begin(steps - start * math.ceil(n / batch_size))
-    for epoch in range(start, epochs):
-        ge = torch.Generator().manual_seed(seed * 1000 + epoch + 1)
-        order = torch.randperm(n, generator=ge)
-        step = lr * eps * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            x = _augment(data.images[idx].to(device).float().div(255), ge)
-            r = assignments[idx] if cluster_data == "members" else torch.randint(0, K, (len(idx),), generator=ge)
-            r = r.to(device)
-            loss = kl_to_center(encoder(torch.clamp(x + delta[r], 0, 1)), centers[(r + 1) % K]).mean()
-            (grad,) = torch.autograd.grad(loss, delta)
-            with torch.no_grad():
-                delta -= step * grad.sign()
-                delta.clamp_(-eps, eps)
-            timer.tick()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3g}")
-        _save_checkpoint(checkpoint, {"deltas": delta.detach().cpu(), "done": torch.tensor(epoch + 1)}, settings)
-    bar.close()
-    return delta.detach().cpu()
-
-
-def _load_checkpoint(path: Path, settings: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A checkpoint of this very training (same settings and centers), else nothing."""
-    from safetensors import safe_open
-
-    if not path.exists():
-        return {}
-    with safe_open(path, framework="pt") as f:
-        if (f.metadata() or {}).get("settings") != json.dumps(settings, sort_keys=True):
-            return {}
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def _save_checkpoint(path: Path, state: dict[str, torch.Tensor], settings: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_suffix(".partial")
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"settings": json.dumps(settings, sort_keys=True)})
-    os.replace(tmp, path)
+DEFAULT_EPOCHS = {"faithful": 50, "fast": 10, "blocks": 0, "filters": 0}
+DEFAULT_LR = {"faithful": 1e-4, "fast": 0.1, "blocks": 0.1, "filters": 0.0}
+#: Modes whose perturbations come from a key (and so take ``key``).
+KEYED = ("blocks", "filters")
 
 
 def remove_cache(cache: str | os.PathLike) -> None:
@@ -239,6 +113,10 @@ def fit_clusters(
     image_field: str | None = None,
     key_field: str | None = None,
     limit: int | None = None,
+    key: int | None = None,
+    grid: int = DEFAULT_GRID,
+    kernel_size: int = 3,
+    blur: float = 0.3,
     progress: bool = True,
 ) -> Protection:
     """Fit an Unlearnable Clusters protection on the images of ``src``; no labels are read.
@@ -249,14 +127,17 @@ def fit_clusters(
             ``torchvision:resnet50:/path/weights.pth``), an `EncoderSpec` or a loaded `Encoder`
             (`ue_datasets.encoders.callable_encoder` wraps any callable).
         clusters: K, the number of clusters and perturbations (the reference uses 10).
-        eps: L-inf bound, a float or ``"16/255"``.
-        mode: ``"faithful"`` (default: one generator per cluster; at equal compute it protected as well
-            as or better than fast on Fashion-MNIST, see the README) or ``"fast"`` (ours).
+        eps: L-inf bound, a float or ``"16/255"`` (not used by ``filters``, which is unbounded).
+        mode: ``"faithful"`` (default: one generator per cluster; of the modes bounded by eps it
+            protected Fashion-MNIST best, see the README), ``"fast"``, ``"blocks"`` or ``"filters"``
+            (unbounded; see the module docstring).
         cluster_data: ``"all"`` or ``"members"`` (see the module docstring).
-        epochs: passes over the data (per cluster in faithful mode); default 50 faithful, 10 fast.
+        epochs: passes over the data (per cluster in faithful mode); default 50 faithful, 10 fast, 0 blocks
+            (no refinement); filters takes none.
         lr: generator learning rate (faithful, 1e-4) or signed step as a fraction of eps (fast, 0.1,
             cosine-decayed over the epochs).
-        resolution: side R of the stored deltas; default the encoder's input size. A multiple of 4.
+        resolution: side R of the stored deltas; default the encoder's input size. A multiple of 4 in
+            faithful mode.
         kmeans_mode: ``"full"`` (Lloyd on all features at once) or ``"minibatch"`` (Sculley's mini-batch
             k-means streamed part by part from the feature cache, for feature sets larger than memory).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
@@ -266,12 +147,16 @@ def fit_clusters(
             it, and nothing else, later).
         image_field, key_field: as for ``protect``; keys must be the ones used when protecting.
         limit: fit on the first ``limit`` samples only.
+        key: the private integer key in ``[0, 2**32)`` of ``blocks`` and ``filters`` (default: a fresh secret
+            one, not stored: the artifact holds the patterns); other modes refuse one (they use ``seed``).
+        grid: blocks per side of a ``blocks`` pattern.
+        kernel_size, blur: size k and entry bound p_b of the ``filters`` mode's CUDA filters.
         progress: progress bars, the plan before the features stage and the stage's estimated duration
             (stderr); without, only advice when the perturbation stage looks longer than `cost.SLOW_SECONDS`.
 
     Returns:
         A `Protection` with method ``"clusters"``: tensors ``centers`` (K, D) float32, ``deltas``
-        (K, C, R, R) float32 in [-eps, eps], and the fitted samples' ``assignments`` (N,) int64,
+        (K, C, R, R) float32 in [-eps, eps] (``filters``: ``filters`` (K, k, k) float32 instead), and the fitted samples' ``assignments`` (N,) int64,
         ``checksums`` (N, 2) int64 and keys (``keys_utf8``, ``key_offsets``).
     """
     from ..encoders import Encoder, load_encoder
@@ -286,18 +171,27 @@ def fit_clusters(
         raise UEDatasetsError(f"clusters must be >= 2 (each cluster is pushed towards the next one), got {clusters}")
     if limit is not None and limit < clusters:
         raise UEDatasetsError(f"limit {limit} leaves fewer samples than the {clusters} clusters")
+    if key is not None and mode not in KEYED:
+        raise UEDatasetsError(f"key is used by the {' and '.join(KEYED)} modes; {mode} mode is seeded by seed")
+    if mode == "filters" and epochs:
+        raise UEDatasetsError("filters mode has no training (its filters come from the key): epochs must be 0")
+    key = check_key(key) if mode in KEYED else None
+    if mode == "filters":
+        check_filter_options(kernel_size, blur)
     eps = parse_eps(eps)
     dev = resolve_device(device)
     enc = encoder.to(dev) if isinstance(encoder, Encoder) else load_encoder(encoder, dev)
     enc.eval()
     R = resolution or enc.spec.size
-    if R % 4:
+    if R % 4 and mode == "faithful":
         raise UEDatasetsError(f"resolution must be a multiple of 4 (the generator halves it twice), got {R}")
+    if mode == "blocks":
+        check_grid(grid, R)
     epochs = DEFAULT_EPOCHS[mode] if epochs is None else epochs
     lr = DEFAULT_LR[mode] if lr is None else lr
     cost = {"mode": mode, "clusters": clusters, "epochs": epochs, "batch_size": batch_size,
             "cluster_data": cluster_data}
-    if progress:
+    if progress and epochs:
         size = source_size(src)
         say(estimate_cost(images=min(size, limit or size) if size is not None else limit, **cost).line())
     temporary = cache_dir is None
@@ -320,13 +214,23 @@ def fit_clusters(
             if estimate.slow:
                 say(estimate.advice())
 
-        train = _faithful if mode == "faithful" else _fast
-        settings = {"mode": mode, "cluster_data": cluster_data, "eps": eps, "epochs": epochs, "lr": lr,
-                    "batch_size": batch_size, "seed": seed, "resolution": R,
-                    "centers": hashlib.sha256(km.centers.float().contiguous().numpy().tobytes()).hexdigest()}
-        deltas = train(enc, data, km.centers, km.assignments, eps=eps, epochs=epochs, lr=lr, batch_size=batch_size,
-                       cluster_data=cluster_data, seed=seed, device=dev, checkpoint=cache / f"deltas-{mode}.safetensors",
-                       settings=settings, progress=progress, timer=StepTimer(report))
+        C = int(data.images.shape[1])
+        start = block_patterns(clusters, C, R, eps, key, grid) if mode == "blocks" else None
+        if mode == "filters":
+            table = {"filters": cluster_filters(clusters, key, kernel_size, blur)}
+        elif mode == "blocks" and not epochs:
+            table = {"deltas": start}
+        else:
+            settings = {"mode": mode, "cluster_data": cluster_data, "eps": eps, "epochs": epochs, "lr": lr,
+                        "batch_size": batch_size, "seed": seed, "resolution": R,
+                        "centers": hashlib.sha256(km.centers.float().contiguous().numpy().tobytes()).hexdigest(),
+                        **({"start": hashlib.sha256(start.numpy().tobytes()).hexdigest()} if start is not None else {})}
+            train = train_generators if mode == "faithful" else train_deltas
+            extra = {"init": start} if start is not None else {}
+            table = {"deltas": train(enc, data, km.centers, km.assignments, eps=eps, epochs=epochs, lr=lr,
+                                     batch_size=batch_size, cluster_data=cluster_data, seed=seed, device=dev,
+                                     checkpoint=cache / f"deltas-{mode}.safetensors", settings=settings,
+                                     progress=progress, timer=StepTimer(report), **extra)}
     finally:
         if temporary:
             shutil.rmtree(cache, ignore_errors=True)
@@ -343,15 +247,21 @@ def fit_clusters(
     keys = [k for k, u in zip(data.keys, unique.tolist()) if u]
     keys_utf8, key_offsets = encode_keys(keys)
     params = {
-        "num_clusters": clusters, "eps": eps, "resolution": R, "channels": int(deltas.shape[1]),
-        "mode": mode, "cluster_data": cluster_data, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-        "seed": seed, "kmeans_mode": kmeans_mode, "samples": len(data), "encoder": enc.spec.to_json(),
-        "resize": "nearest", "rounding": "half-up",
+        "num_clusters": clusters, "resolution": R, "channels": C, "mode": mode, "cluster_data": cluster_data,
+        "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "kmeans_mode": kmeans_mode,
+        "samples": len(data), "encoder": enc.spec.to_json(),
         "cluster_sizes": torch.bincount(km.assignments, minlength=clusters).tolist(),
         "kmeans": {"inertia": km.inertia, "iterations": km.iterations},
     }
+    if mode == "filters":  # CUDA's kernel and quantisation; unbounded in L-inf
+        params.update({"kernel": "filter", "eps": None, "kernel_size": kernel_size, "blur": blur, "grayscale": False,
+                       "quantize": "truncate", "padding": "zeros"})
+    else:
+        params.update({"eps": eps, "resize": "nearest", "rounding": "half-up"})
+    if mode == "blocks":
+        params["grid"] = grid
     tensors = {
-        "centers": km.centers.float().contiguous(), "deltas": deltas.float().contiguous(),
+        "centers": km.centers.float().contiguous(), **{k: v.float().contiguous() for k, v in table.items()},
         "assignments": km.assignments[unique].contiguous(), "checksums": data.checksums[unique].contiguous(),
         "keys_utf8": keys_utf8, "key_offsets": key_offsets,
     }
@@ -361,3 +271,35 @@ def fit_clusters(
 
         set_encoder(protection, enc)
     return protection
+
+
+def label_purity(protection: Protection, src: str | list[str], *, label_field: str | None = None,
+                 image_field: str | None = None, key_field: str | None = None) -> float:
+    """Purity of a fit's clusters w.r.t. the labels ``src`` carries.
+
+    Information for the protector only (the fit reads no labels): the share of fitted samples whose
+    cluster's majority label is their own (`ue_datasets.audit.purity.cluster_purity`). Below about
+    `PURITY`, cluster-wise noise protects little against an attacker who trains on those labels (README).
+    Reads the source (never writes) until every fitted sample is found.
+
+    Raises:
+        SampleError: a sample has no (integer) label; the source carries none, say.
+        UEDatasetsError: no fitted sample is in ``src``, or the source cannot be read.
+    """
+    from ..apply.clusters import fitted_table
+    from ..apply.records import iter_records
+    from ..audit.purity import cluster_purity
+
+    table = fitted_table(protection)
+    found: dict[str, tuple[int, int]] = {}
+    for record in iter_records(src, image_field=image_field, label_field=label_field, key_field=key_field,
+                               labels=True):
+        hit = table.get(record.key)
+        if hit is not None:
+            found.setdefault(record.key, (hit[0], int(record.label)))
+            if len(found) == len(table):
+                break
+    if not found:
+        raise UEDatasetsError(f"{src}: none of the fitted samples is there")
+    clusters, labels = zip(*found.values())
+    return cluster_purity(torch.tensor(clusters), torch.tensor(labels))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..errors import UEDatasetsError
 from ..progress import duration
 
-MODES = ("fast", "faithful")
+MODES = ("fast", "faithful", "blocks", "filters")
 #: A perturbation stage estimated to take longer than this (seconds) gets advice on how to make it cheaper.
 SLOW_SECONDS = 600.0
 #: Optimisation steps timed, after one warm-up step, before the duration of the stage is estimated.
