@@ -107,8 +107,8 @@ def _cluster_rows(report: dict[str, Any]) -> list[str]:
                     f"{_pct(peaks[(defense, 'protected')])}, peak under {defense})")
     return [
         f"cluster purity w.r.t. the attacker's labels is {purity:.2f}: below about {PURITY}, cluster-wise noise "
-        f"protects little{compared}; use clusters that match the classes better (a stronger surrogate encoder, "
-        "K = the number of classes) or a class-wise protection"
+        f"protects little{compared}; use clusters that match the classes better (a surrogate encoder that "
+        "separates them) or a class-wise protection"
     ]
 
 

@@ -34,6 +34,10 @@ Nothing here downloads without a reachable network, and nothing unpickles: check
 
 Each kind lives in its own module and registers its parser and loader with `register_kind`
 (`ue_datasets.encoders.registry`); `list_encoder_kinds` lists them.
+
+Text encoders (`ue_datasets.encoders.text`, for T2UE): `load_text_encoder` takes the same open_clip spec
+strings and loads the same CLIP (same weights, same digest) as `load_encoder`, and returns a frozen
+`TextEncoder` over its text tower (``tokenize``, ``encode``, ``encode_cached``: each distinct text once).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from .spec import (
     EncoderSpec,
     RandomEncoderWarning,
 )
+from .text import TextEncoder, load_text_encoder
 
 __all__ = [
     "HUB_CHECK_TIMEOUT",
@@ -78,9 +83,11 @@ __all__ = [
     "Loaded",
     "PixelFeatures",
     "RandomEncoderWarning",
+    "TextEncoder",
     "callable_encoder",
     "list_encoder_kinds",
     "load_encoder",
+    "load_text_encoder",
     "packaged_classifier",
     "packaged_weights_path",
     "parse_encoder",

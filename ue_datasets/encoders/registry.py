@@ -137,8 +137,8 @@ def parse_encoder(
     when they are not OpenAI's (e.g. SigLIP: 0.5/0.5, squash). ``local-dir``: the bundle's
     ``preprocess_cfg``. torchvision: 224, ImageNet mean/std, bilinear, shortest (the Unlearnable
     Clusters reference uses Resize 256 -> CenterCrop 224; "shortest" at 224 approximates it).
-    packaged: the weights' own (efficientnet-lite0: 224, mean 127/255, std 128/255, bicubic, shortest). pixels: 28
-    (or ``pixels:SIZE``), mean/std 0.5, bilinear, squash.
+    packaged: the weights' own (efficientnet-lite0: 224, mean 127/255, std 128/255, bicubic, shortest).
+    pixels: 28 (or ``pixels:SIZE``), mean/std 0.5, bilinear, squash.
     Keyword arguments, when not None, override the defaults.
 
     Raises:
