@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -139,8 +140,10 @@ def test_a_non_cluster_protection_gives_no_cluster_section_and_no_oracle(data, t
     assert main(["protect", "--protection", data["cuda"], "--input", data["clean"], "--output",
                  str(tmp_path / "cuda-protected"), "--no-progress"]) == 0
     config = AuditConfig(epochs=1, batch_size=16, device="cpu", protection=data["cuda"])
+    stream = io.StringIO()
     report = run_audit(str(tmp_path / "cuda-protected"), data["clean"], data["test"], tmp_path / "r", config,
-                       progress=False)
+                       progress=False, stream=stream)
+    assert "has no clusters, so there is no purity diagnostic" in stream.getvalue()
     assert report["clusters"] is None
     assert [r["training_set"] for r in report["results"]] == ["clean", "protected"]
     assert "## Clusters" not in (tmp_path / "r" / "report.md").read_text()

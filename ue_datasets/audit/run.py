@@ -188,6 +188,9 @@ def run_audit(
         plan += [(None, name, data) for name, data in training_sets]
     costs = _costs(plan, config.epochs, len(sets.test))
     stream = stream or sys.stderr
+    if protection is not None and report["clusters"] is None:
+        print(f"ue-datasets: note: --protection: a {protection.method!r} protection has no clusters, so there is no "
+              "purity diagnostic or oracle set", file=stream)
     print("ue-datasets: " + cost_table(costs), file=stream, flush=True)
     forecast = Forecast(costs, stream)
     for i, (d, name, data) in enumerate(plan):
