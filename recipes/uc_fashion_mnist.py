@@ -47,6 +47,7 @@ from ue_datasets.audit import AuditConfig, run_audit  # noqa: E402
 from ue_datasets.audit.train import nt_xent, ssl_augment  # noqa: E402
 from ue_datasets.encoders import parse_encoder  # noqa: E402
 from ue_datasets.fit import fit_clusters  # noqa: E402
+from ue_datasets.fit.clusters import KEYED  # noqa: E402
 
 MODEL = "ue-fmnist-rn"
 MODEL_CFG = {
@@ -192,7 +193,7 @@ def main() -> None:
             folder = out / "data" / f"protected-{surrogate}-{mode}"
             protect_shards(load_protection(art), clean, str(folder), ShardOptions(device="cpu"), progress=False)
             for labelling, relabel in LABELLINGS.items():
-                keyed = mode in ("blocks", "filters")
+                keyed = mode in KEYED
                 oracle = not keyed or (mode, labelling) not in keyed_oracle
                 report = audit(out, f"{surrogate}-{mode}-{labelling.replace(':', '')}", folder, art, relabel,
                                oracle, labelling not in baselines, args)
@@ -203,7 +204,7 @@ def main() -> None:
                 rows.setdefault((surrogate, mode), {})[labelling] = report
 
     def oracle_of(surrogate: str, mode: str, labelling: str) -> str:
-        if mode in ("blocks", "filters"):  # key-derived: one oracle for every surrogate
+        if mode in KEYED:  # key-derived: one oracle for every surrogate
             found = keyed_oracle.get((mode, labelling))
             return "–" if found is None else f"{found:.1f}"
         return f"{accuracy(rows[(surrogate, mode)][labelling], 'oracle'):.1f}"

@@ -199,3 +199,43 @@ def mixed_inputs() -> tuple[list[bytes], list[int]]:
         images.append(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode))
     labels = [int(v) for v in rng.integers(0, 10, 12)]
     return [encode(im) for im in images], labels
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The Hugging Face Hub and datasets offline for this test, whatever the environment says."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def tiny_clip(folder: Path, name: str, cfg: dict):
+    """A seeded, randomly initialised open_clip model of ``cfg``, registered with open_clip as ``name``
+    (its config written into ``folder``); in eval mode."""
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder / f"{name}.json")
+    torch.manual_seed(0)
+    return open_clip.create_model(name, pretrained=None).eval()
+
+
+def save_clip_bundle(model, cfg: dict, folder: Path) -> Path:
+    """``model`` saved as an open_clip ``local-dir:`` bundle in ``folder`` (created): ``open_clip_config.json``
+    with its preprocessing, and ``open_clip_model.safetensors``."""
+    from open_clip.push_to_hf_hub import save_config_for_hf
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config_for_hf(model, folder / "open_clip_config.json", model_config=cfg)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def gray_shard(folder: Path, images, labels, prefix: str = "k") -> str:
+    """One shard ``folder/part-000.tar`` (folder created) of grayscale uint8 ``(H, W)`` arrays as PNGs with
+    their ``cls``, keyed ``PREFIX0000``, ``PREFIX0001``..."""
+    folder.mkdir(parents=True)
+    samples = [{"__key__": f"{prefix}{i:04d}", "png": encode(Image.fromarray(im, "L")), "cls": str(int(y)).encode()}
+               for i, (im, y) in enumerate(zip(images, labels))]
+    return write_shard(folder / "part-000.tar", samples)

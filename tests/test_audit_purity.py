@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import encode, write_shard
+from conftest import gray_shard
 from PIL import Image
 
 from ue_datasets import UEDatasetsError
@@ -33,13 +33,6 @@ def _task(seed: int, n: int):
     return images, labels
 
 
-def _shard(folder, images, labels, prefix):
-    folder.mkdir(parents=True)
-    samples = [{"__key__": f"{prefix}{i:04d}", "png": encode(Image.fromarray(im, "L")), "cls": str(int(y)).encode()}
-               for i, (im, y) in enumerate(zip(images, labels))]
-    return write_shard(folder / "part-000.tar", samples)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Clean, test and clusters-protected shards, the clusters artifact and a CUDA (convolution) one."""
@@ -48,8 +41,8 @@ def data(tmp_path_factory):
     from ue_datasets.fit.convolution import fit_convolution
 
     root = tmp_path_factory.mktemp("purity")
-    clean = _shard(root / "clean", *_task(0, 48), "k")
-    test = _shard(root / "test", *_task(1, 24), "t")
+    clean = gray_shard(root / "clean", *_task(0, 48), "k")
+    test = gray_shard(root / "test", *_task(1, 24), "t")
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
     protection = fit_clusters(clean, callable_encoder(net, size=SIZE), clusters=K, mode="fast", epochs=1,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import encode, write_shard
+from conftest import encode, gray_shard, write_shard
 from ue_datasets import UEDatasetsError
 from ue_datasets.audit import AuditConfig, run_audit
 from ue_datasets.audit.data import align, load_labelled
@@ -38,13 +38,6 @@ def _task(seed: int, n: int, shortcut: bool = False):
     return images, labels
 
 
-def _shards(folder, images, labels, prefix="k"):
-    folder.mkdir(parents=True)
-    samples = [{"__key__": f"{prefix}{i:04d}", "png": encode(Image.fromarray(im, "L")), "cls": str(int(y)).encode()}
-               for i, (im, y) in enumerate(zip(images, labels))]
-    return write_shard(folder / "part-000.tar", samples)
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
@@ -52,9 +45,9 @@ def sources(tmp_path_factory):
     prot_x, _ = _task(0, 400, shortcut=True)
     test_x, test_y = _task(1, 200)
     return {
-        "clean": _shards(root / "clean", clean_x, clean_y),
-        "protected": _shards(root / "protected", prot_x, clean_y),
-        "test": _shards(root / "test", test_x, test_y, prefix="t"),
+        "clean": gray_shard(root / "clean", clean_x, clean_y),
+        "protected": gray_shard(root / "protected", prot_x, clean_y),
+        "test": gray_shard(root / "test", test_x, test_y, prefix="t"),
         "root": root,
     }
 

@@ -16,6 +16,7 @@ from torch import nn
 
 open_clip = pytest.importorskip("open_clip")
 
+from conftest import save_clip_bundle, tiny_clip
 from safetensors.torch import save_file
 
 from ue_datasets.encoders import (
@@ -38,20 +39,13 @@ TINY_CFG = {
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """Registers the tiny config with open_clip; returns a randomly initialised model of it."""
-    d = tmp_path_factory.mktemp("tiny_cfg")
-    (d / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(d / f"{TINY}.json")
-    torch.manual_seed(0)
-    return open_clip.create_model(TINY, pretrained=None).eval()
+    return tiny_clip(tmp_path_factory.mktemp("tiny_cfg"), TINY, TINY_CFG)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +126,6 @@ def test_open_clip_safetensors_checkpoint_same_digest(tiny_model, tiny_encoder, 
 
 
 def test_local_dir_bundle(tiny_model, tmp_path):
-    from open_clip.push_to_hf_hub import save_config_for_hf
-
     model = open_clip.create_model(
         TINY,
         pretrained=None,
@@ -145,12 +137,7 @@ def test_local_dir_bundle(tiny_model, tmp_path):
         },
     )
     model.load_state_dict(tiny_model.state_dict())
-    d = tmp_path / "bundle"
-    d.mkdir()
-    save_config_for_hf(model, d / "open_clip_config.json", model_config=TINY_CFG)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors")
-    )
+    d = save_clip_bundle(model, TINY_CFG, tmp_path / "bundle")
 
     for s in (f"local-dir:{d}", f"open_clip:local-dir:{d}"):
         spec = parse_encoder(s)

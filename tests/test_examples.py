@@ -15,7 +15,6 @@ import doctest
 import glob
 import importlib
 import io
-import json
 import pkgutil
 import re
 import shlex
@@ -28,7 +27,7 @@ from PIL import Image
 
 import ue_datasets
 
-from conftest import write_shard
+from conftest import save_clip_bundle, tiny_clip, write_shard
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TINY_CLIP = {
@@ -80,21 +79,8 @@ def _idx(path: Path, array: np.ndarray) -> None:
 
 def _tiny_bundle(folder: Path) -> str:
     """A randomly initialised tiny open_clip model saved as a ``local-dir:`` bundle."""
-    import open_clip
-    import torch
-    from open_clip.push_to_hf_hub import save_config_for_hf
-    from safetensors.torch import save_file
-
-    (folder / "cfg").mkdir(parents=True)
-    (folder / "cfg" / "ue-readme-tiny.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder / "cfg" / "ue-readme-tiny.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("ue-readme-tiny", pretrained=None)
-    bundle = folder / "bundle"
-    bundle.mkdir()
-    save_config_for_hf(model, bundle / "open_clip_config.json", model_config=TINY_CLIP)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bundle / "open_clip_model.safetensors"))
-    return f"local-dir:{bundle}"
+    model = tiny_clip(folder / "cfg", "ue-readme-tiny", TINY_CLIP)
+    return f"local-dir:{save_clip_bundle(model, TINY_CLIP, folder / 'bundle')}"
 
 
 def _start_folder(root: Path) -> Path:

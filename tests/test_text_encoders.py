@@ -10,7 +10,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
-from safetensors.torch import save_file
+from conftest import save_clip_bundle, tiny_clip
 
 from ue_datasets.encoders import (
     EncoderError,
@@ -30,19 +30,12 @@ TINY_CFG = {
 TEXTS = ["a photo of a cat", "a photo of a dog", "an airplane", "a photo of a cat", "", "a truck", "a truck"]
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_text_cfg")
-    (d / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(d / f"{TINY}.json")
-    torch.manual_seed(0)
-    return open_clip.create_model(TINY, pretrained=None).eval()
+    return tiny_clip(tmp_path_factory.mktemp("tiny_text_cfg"), TINY, TINY_CFG)
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +47,7 @@ def tiny_ckpt(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle(tiny_model, tmp_path_factory):
-    from open_clip.push_to_hf_hub import save_config_for_hf
-
-    d = tmp_path_factory.mktemp("tiny_text_bundle")
-    save_config_for_hf(tiny_model, d / "open_clip_config.json", model_config=TINY_CFG)
-    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(d / "open_clip_model.safetensors"))
-    return d
+    return save_clip_bundle(tiny_model, TINY_CFG, tmp_path_factory.mktemp("tiny_text_bundle"))
 
 
 @pytest.fixture(scope="module")

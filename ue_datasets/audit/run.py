@@ -140,9 +140,10 @@ def run_audit(
     out.mkdir(parents=True, exist_ok=True)
     defenses = parse_defenses(",".join(config.defenses))
     device = str(resolve_device(config.device))
+    named = _protection_of(protected)
     protection = load_protection(config.protection) if config.protection else None
     if protection is not None:
-        _check_protection(protection, protected, clean, config)
+        _check_protection(protection, named, protected, clean, config)
     sets = _load(protected, clean, test, config)
     num_classes = int(max(int(s.labels.max()) for s in (sets.protected, sets.clean, sets.test) if s is not None)) + 1
     mapping = parse_relabel(config.relabel, num_classes)
@@ -155,7 +156,7 @@ def run_audit(
         "inputs": {"protected": protected, "clean": clean, "test": test},
         "sizes": {"protected": len(sets.protected), "clean": len(sets.clean) if sets.clean else 0, "test": len(sets.test),
                   "image": list(sets.test.images.shape[1:])},
-        "protection": _protection_of(protected),
+        "protection": named,
         "config": {**asdict(config), "defenses": [d.name for d in defenses], "device": device},
         "labels": {
             "num_classes": num_classes,
@@ -221,11 +222,12 @@ def run_audit(
     return report
 
 
-def _check_protection(protection: Protection, protected: str, clean: str | None, config: AuditConfig) -> None:
+def _check_protection(protection: Protection, named: dict[str, Any] | None, protected: str, clean: str | None,
+                      config: AuditConfig) -> None:
     """Refuse a ``--protection`` the diagnostics would misread: another protection than the one the
     protected set names, no clean set, or clean images resized (``--image-size``) away from the pixels
-    the protection saw (their clusters and oracle would not be the ones apply gave)."""
-    named = _protection_of(protected)
+    the protection saw (their clusters and oracle would not be the ones apply gave). ``named``: what the
+    protected set's stats say it was made with (`_protection_of`)."""
     if named is not None and named.get("id") not in (None, protection.id):
         raise UEDatasetsError(f"--protection {config.protection}: its id {protection.id} is not the id "
                               f"{named.get('id')} the protected set {protected} was made with")

@@ -21,12 +21,11 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import UEDatasetsError
-from .convolution import draw_filters
+from .convolution import check_filter_options, check_key, draw_filters
 
 #: Blocks per side of a ``blocks`` pattern.
 DEFAULT_GRID = 4
@@ -35,27 +34,15 @@ DEFAULT_GRID = 4
 _TRIES = 100
 
 
-def check_key(key: int | None) -> int:
-    """``key``, checked to be an integer in ``[0, 2**32)``; ``None`` draws a fresh secret one."""
-    if key is None:
-        return secrets.randbelow(2**32)
-    if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or not 0 <= int(key) < 2**32:
-        raise UEDatasetsError(f"key must be an integer in [0, 2**32), got {key!r}")
-    return int(key)
+def pattern_key(key: int | None) -> int:
+    """``key`` checked (`check_key`), or a fresh secret one when ``None``."""
+    return secrets.randbelow(2**32) if key is None else check_key(key)
 
 
 def check_grid(grid: int, resolution: int) -> None:
     """Refuse a ``blocks`` grid that is not an integer in ``[1, resolution]``."""
     if isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= resolution:
         raise UEDatasetsError(f"grid must be an integer in [1, resolution {resolution}], got {grid!r}")
-
-
-def check_filter_options(kernel_size: int, blur: float) -> None:
-    """Refuse ``filters`` options CUDA's filters cannot take: an even or non-positive size, ``blur <= 0``."""
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise UEDatasetsError(f"kernel_size must be a positive odd integer, got {kernel_size!r}")
-    if not blur > 0:
-        raise UEDatasetsError(f"blur must be > 0, got {blur}")
 
 
 def block_patterns(clusters: int, channels: int, resolution: int, eps: float, key: int,

@@ -69,7 +69,8 @@ from ..errors import UEDatasetsError
 from ..kernels.samples import encode_keys
 from .budget import parse_eps
 from .cluster_deltas import train_deltas, train_generators
-from .cluster_patterns import DEFAULT_GRID, block_patterns, check_filter_options, check_grid, check_key, cluster_filters
+from .cluster_patterns import DEFAULT_GRID, block_patterns, check_grid, cluster_filters, pattern_key
+from .convolution import check_filter_options
 from .cost import MODES, StepTimer, estimate_cost, say, source_size
 from .features import extract_features, iter_features
 from .kmeans import kmeans, minibatch_kmeans
@@ -175,7 +176,7 @@ def fit_clusters(
         raise UEDatasetsError(f"key is used by the {' and '.join(KEYED)} modes; {mode} mode is seeded by seed")
     if mode == "filters" and epochs:
         raise UEDatasetsError("filters mode has no training (its filters come from the key): epochs must be 0")
-    key = check_key(key) if mode in KEYED else None
+    key = pattern_key(key) if mode in KEYED else None
     if mode == "filters":
         check_filter_options(kernel_size, blur)
     eps = parse_eps(eps)

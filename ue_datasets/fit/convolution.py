@@ -25,6 +25,22 @@ METHOD = "convolution"
 QUANTIZE_MODES = ("truncate", "round")
 
 
+def check_key(key: int) -> int:
+    """``key`` as an int, refused unless it is an integer in ``[0, 2**32)`` (numpy's legacy seed range)."""
+    if isinstance(key, bool) or not isinstance(key, numbers.Integral) or not 0 <= key < 2**32:
+        raise UEDatasetsError(f"key must be an integer in [0, 2**32), got {key!r}")
+    return int(key)
+
+
+def check_filter_options(kernel_size: int, blur: float) -> None:
+    """Refuse filter options `draw_filters` cannot take: an even or non-positive size, ``blur <= 0``."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral) or kernel_size < 1 \
+            or kernel_size % 2 == 0:
+        raise UEDatasetsError(f"kernel_size must be a positive odd integer, got {kernel_size!r}")
+    if not blur > 0:
+        raise UEDatasetsError(f"blur (p_b) must be > 0, got {blur}")
+
+
 def draw_filters(num_classes: int, key: int, kernel_size: int = 3, blur: float = 0.3, center: float = 1.0) -> np.ndarray:
     """Draw the class filters exactly as the official code does.
 
@@ -74,17 +90,12 @@ def fit_convolution(
         A `Protection` with tensors ``filters`` (float32 ``(num_classes, k, k)``) and
         ``fraction_salt`` (uint8 ``(32,)``); the key itself is not stored.
     """
-    for name, value in (("num_classes", num_classes), ("key", key), ("kernel_size", kernel_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise UEDatasetsError(f"{name} must be an integer, got {value!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise UEDatasetsError(f"num_classes must be an integer, got {num_classes!r}")
     if num_classes < 1:
         raise UEDatasetsError(f"num_classes must be >= 1, got {num_classes}")
-    if not 0 <= key < 2**32:
-        raise UEDatasetsError(f"key must be an integer in [0, 2**32), got {key}")
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise UEDatasetsError(f"kernel_size must be a positive odd integer, got {kernel_size}")
-    if not blur > 0:
-        raise UEDatasetsError(f"blur (p_b) must be > 0, got {blur}")
+    check_key(key)
+    check_filter_options(kernel_size, blur)
     if not 0 <= fraction <= 1:
         raise UEDatasetsError(f"fraction must lie in [0, 1], got {fraction}")
     if quantize not in QUANTIZE_MODES:
