@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +45,9 @@ def load(split: str = "train", root: str | Path = DEFAULT_ROOT) -> tuple[np.ndar
 
 
 def write_png_shards(images: Sequence[Image.Image], labels: Sequence[int], keys: Sequence[str], folder: Path,
-                     name: str, per_shard: int, png_level: int = 1) -> list[str]:
-    """Write webdataset shards of ``KEY.png`` + ``KEY.cls`` into ``folder``; ``name`` formats the shard
-    number (``"train-{:03d}.tar"``). Returns the shard paths in order."""
+                     name: str, per_shard: int, png_level: int = 1, texts: Sequence[str] | None = None) -> list[str]:
+    """Write webdataset shards of ``KEY.png`` + ``KEY.cls`` (+ ``KEY.txt`` captions when ``texts``) into
+    ``folder``; ``name`` formats the shard number (``"train-{:03d}.tar"``). Returns the shard paths in order."""
     folder.mkdir(parents=True, exist_ok=True)
     urls = []
     for n, start in enumerate(range(0, len(images), per_shard)):
@@ -56,6 +56,8 @@ def write_png_shards(images: Sequence[Image.Image], labels: Sequence[int], keys:
             buf = io.BytesIO()
             images[i].save(buf, format="PNG", compress_level=png_level)
             samples.append({"__key__": keys[i], "png": buf.getvalue(), "cls": str(int(labels[i])).encode()})
+            if texts is not None:
+                samples[-1]["txt"] = texts[i].encode()
         path = folder / name.format(n)
         with open(path, "wb") as f:
             write_samples(f, samples)
@@ -69,7 +71,10 @@ def balanced(labels: np.ndarray, per_class: int) -> np.ndarray:
 
 
 def write_shards(images: np.ndarray, labels: np.ndarray, index: np.ndarray, folder: Path, prefix: str,
-                 per_shard: int = 2000) -> list[str]:
-    """Shards ``PREFIX-000.tar``... of the images at ``index``, keyed ``PREFIX-<dataset index>``."""
-    return write_png_shards([Image.fromarray(images[i], "L") for i in index], labels[index],
-                            [f"{prefix}-{i:05d}" for i in index], folder, prefix + "-{:03d}.tar", per_shard)
+                 per_shard: int = 2000, caption: Callable[[int, str], str] | None = None) -> list[str]:
+    """Shards ``PREFIX-000.tar``... of the images at ``index``, keyed ``PREFIX-<dataset index>``; with
+    ``caption(label, key) -> str``, each sample also gets a ``txt`` caption."""
+    keys = [f"{prefix}-{i:05d}" for i in index]
+    texts = None if caption is None else [caption(int(labels[i]), k) for i, k in zip(index, keys)]
+    return write_png_shards([Image.fromarray(images[i], "L") for i in index], labels[index], keys, folder,
+                            prefix + "-{:03d}.tar", per_shard, texts=texts)

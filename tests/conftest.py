@@ -239,3 +239,31 @@ def gray_shard(folder: Path, images, labels, prefix: str = "k") -> str:
     samples = [{"__key__": f"{prefix}{i:04d}", "png": encode(Image.fromarray(im, "L")), "cls": str(int(y)).encode()}
                for i, (im, y) in enumerate(zip(images, labels))]
     return write_shard(folder / "part-000.tar", samples)
+
+
+#: A tiny open_clip CLIP (16-d embeddings, 16 px images) for the T2UE tests.
+TINY_T2UE_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def tiny_t2ue(folder: Path, mode: str = "class", seed: int = 0):
+    """An untrained T2UE protection at 16 px over a seeded tiny CLIP saved as a ``local-dir:`` bundle in
+    ``folder``; its text path is switched on (residual gains and text MLPs randomised, which training
+    would do), so that different texts get different noise. Returns ``(protection, clip spec string)``."""
+    from ue_datasets.encoders.text import load_text_encoder
+    from ue_datasets.fit.t2ue import t2ue_protection
+    from ue_datasets.fit.t2ue_generator import T2UEGenerator
+
+    model = tiny_clip(folder / "cfg", "ue-tiny-t2ue", TINY_T2UE_CLIP)
+    spec = f"local-dir:{save_clip_bundle(model, TINY_T2UE_CLIP, folder / 'clip')}"
+    torch.manual_seed(seed)
+    g = T2UEGenerator(16, nz=8, ngf=4, resolution=16)
+    with torch.no_grad():
+        for name, p in g.named_parameters():
+            if name.endswith("gamma_res") or ".gamma.2." in name or ".beta.2." in name:
+                p.normal_(0, 1)
+    g.eval()
+    return t2ue_protection(g, load_text_encoder(spec).spec.to_json(), eps=8 / 255, mode=mode, z_seed=seed + 1), spec

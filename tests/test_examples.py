@@ -37,6 +37,10 @@ TINY_CLIP = {
 }
 
 
+#: Fashion-MNIST's class names, for the T2UE examples' ``names.txt`` and captions.
+NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+
+
 def _blocks(text: str, language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
 
@@ -96,6 +100,10 @@ def _start_folder(root: Path) -> Path:
         write_shard(str(root / "shards" / f"train-{n:06d}.tar"),
                     [{"__key__": f"train-{i:05d}", "png": _png(images[i]), "cls": str(labels[i]).encode()}
                      for i in range(5 * n, 5 * n + 5)])
+    write_shard(str(root / "captioned_shards" / "pairs-000000.tar"),
+                [{"__key__": f"pair-{i:05d}", "png": _png(images[i]), "cls": str(labels[i]).encode(),
+                  "txt": f"a photo of a {NAMES[labels[i]]}.".encode()} for i in range(12)])
+    (root / "names.txt").write_text("\n".join(NAMES) + "\n")
     write_shard(str(root / "test_shards" / "test-000000.tar"),
                 [{"__key__": f"test-{i:05d}", "png": _png(images[i]), "cls": str(labels[i]).encode()}
                  for i in range(20, 32)])
@@ -120,7 +128,9 @@ def _start_folder(root: Path) -> Path:
 def readme_dir(tmp_path_factory):
     """The README's starting folder, and the stand-ins its commands run with."""
     root = _start_folder(tmp_path_factory.mktemp("readme"))
-    stand_ins = {"open_clip:RN50-quickgelu:/models/rn50-openai.pt": _tiny_bundle(root / "models"),
+    bundle = _tiny_bundle(root / "models")
+    stand_ins = {"open_clip:RN50-quickgelu:/models/rn50-openai.pt": bundle, "local-dir:/models/my-clip": bundle,
+                 "--epochs 50": "--epochs 1 --batch-size 8",
                  "--clusters 10": "--clusters 2 --mode fast --epochs 1", "--epochs 10": "--epochs 1",
                  "--max-rounds 10": "--max-rounds 1 --pgd-steps 2 --device cpu"}
     return root, stand_ins

@@ -78,11 +78,11 @@ def test_a_stored_delta_is_resized_nearest_to_each_image_and_channels_matched():
 
 def test_an_unknown_lookup_is_named_with_the_registered_ones_and_names_register_once():
     p = Protection("em", {"lookup": "telepathy"}, {})
-    with pytest.raises(UEDatasetsError, match=r"telepathy.*\['class', 'cluster', 'key'\]"):
+    with pytest.raises(UEDatasetsError, match=r"telepathy.*\['class', 'cluster', 'key', 'text', 'text-sample'\]"):
         method_of(p)
     with pytest.raises(ValueError, match="already has a function"):
         register_lookup("class")(lambda protection, x: x)
-    assert set(LOOKUPS) >= {"class", "cluster", "key"}
+    assert set(LOOKUPS) >= {"class", "cluster", "key", "text", "text-sample"}
 
 
 def test_key_lookup_finds_each_samples_own_noise_after_shuffling(tmp_path):

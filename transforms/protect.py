@@ -1,7 +1,9 @@
 """torchvision v2 adapters: a label-aware `Protect` transform and its batch form `ProtectBatch`.
 
 Both call the same tensor core as every other adapter (`ue_datasets.apply.core.protect_batch`), so
-they give the same pixels as the ``datasets.map`` function and the shard rewriters.
+they give the same pixels as the ``datasets.map`` function and the shard rewriters. A protection that
+finds noise by text (T2UE) takes each sample's caption (``texts_getter``), or a prompt made from its
+label with ``class_names`` (`ue_datasets.apply.texts.TextSource`, as the other adapters make it).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from torch.utils.data import default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..apply.core import needs_keys, needs_labels, protect_batch, uses_keys
+from ..apply.core import needs_keys, needs_labels, needs_texts, protect_batch, uses_keys
 from ..apply.images import normalize_mode, pil_to_tensor, tensor_to_pil
+from ..apply.texts import TextSource, caption_text
 from ..artifact import Protection, as_protection
 from ..errors import UEDatasetsError
 
@@ -48,6 +51,23 @@ def _keys(keys: Any) -> list[str]:
     if isinstance(keys, (str, numbers.Integral)):
         return [str(keys)]
     return [str(k.tolist() if hasattr(k, "tolist") else k) for k in keys]
+
+
+def _texts(protection: Protection, source: TextSource, captions: Any, labels: Any,
+           keys: list[str] | None) -> list[str]:
+    """The text of each sample: its caption (``str`` or UTF-8 ``bytes``; one, or one per image), else the
+    prompt ``source`` makes from its label (a number, or a tensor, array or list of them)."""
+    if captions is not None:
+        captions = [captions] if isinstance(captions, (str, bytes)) else list(captions)
+        return [caption_text("caption", c) for c in captions]
+    if not source.class_names:
+        raise UEDatasetsError("this protection finds each sample's noise by its text: give texts_getter=... "
+                              "(captions) or class_names=... (prompts made from labels)")
+    if labels is None:
+        raise UEDatasetsError("prompts are made from labels: give the labels (labels_getter), or the captions "
+                              "(texts_getter)")
+    labels = torch.as_tensor(labels).reshape(-1).tolist()
+    return source.texts(protection, None, labels, keys or [None] * len(labels))
 
 
 def _pixels(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
@@ -91,6 +111,11 @@ class Protect(v2.Transform):
         labels_getter: ``inputs -> labels``; default: second tuple item or a ``label`` dict key.
         keys_getter: ``inputs -> sample key(s)``, needed by protections that cover a fraction or keep
             noise per sample (a noise bank); used by Unlearnable Clusters to find fitted samples' clusters.
+        texts_getter: ``inputs -> caption(s)`` (``str``, or a list for batched images), for protections
+            that find noise by text (T2UE): ``lambda inputs: inputs[1]`` for ``(image, caption)`` samples.
+        class_names: names by class id: without ``texts_getter``, a text protection makes each sample's
+            prompt from its label (``labels_getter``) with ``template``.
+        template: the prompt template, with ``{name}``; default: the protection's own.
         device: where to compute (``None``: where the image is; ``"auto"``: CUDA when available).
         unfitted: images a sample-wise protection holds no noise for: ``"error"`` raises naming their
             keys, ``"pass"`` returns them unprotected.
@@ -118,11 +143,16 @@ class Protect(v2.Transform):
         keys_getter: Getter | None = None,
         device: torch.device | str | None = None,
         unfitted: str = "error",
+        texts_getter: Getter | None = None,
+        class_names: Sequence[str] = (),
+        template: str | None = None,
     ):
         super().__init__()
         self.protection = as_protection(protection)
         self.labels_getter, self.keys_getter, self.device = labels_getter, keys_getter, device
         self.unfitted = unfitted
+        self.texts_getter = texts_getter
+        self.text_source = TextSource(None, tuple(class_names), template)
 
     def extra_repr(self) -> str:
         return f"method={self.protection.method}, id={self.protection.id}"
@@ -139,6 +169,11 @@ class Protect(v2.Transform):
                                   "keeps noise per sample): give keys_getter=...")
         if uses_keys(self.protection) and self.keys_getter is not None:
             out["keys"] = _keys(self.keys_getter(inputs))
+        if needs_texts(self.protection):
+            captions = None if self.texts_getter is None else self.texts_getter(inputs)
+            from_labels = captions is None and self.text_source.class_names and self.labels_getter is not None
+            out["texts"] = _texts(self.protection, self.text_source, captions,
+                                  self.labels_getter(inputs) if from_labels else None, out.get("keys"))
         return out
 
     def _protect(self, image: Any, conditions: dict[str, Any]) -> Any:
@@ -172,7 +207,10 @@ class ProtectedDataset(torch.utils.data.Dataset):
     torchvision's MNIST, CIFAR and ImageFolder datasets take no joint ``transforms=`` argument, so the
     label-aware `Protect` goes around them: ``ProtectedDataset(FashionMNIST(root), protection)``. With a
     protection that covers a fraction or keeps noise per sample, the sample index is the key. Put
-    further (label-blind) transforms in ``then``; ``unfitted`` as for `Protect`.
+    further (label-blind) transforms in ``then``; ``unfitted`` as for `Protect`. A protection that finds
+    noise by text (T2UE) takes each sample's caption from ``texts_getter`` (``sample -> caption``, given
+    the dataset's whole sample: ``lambda s: s[1]`` for ``(image, caption)``), or the prompt of its label
+    with ``class_names`` and ``template``.
 
     A ``DataLoader`` with a ``batch_size`` fetches through `__getitems__`, which protects the whole
     batch in one core call per image size: the same pixels as sample by sample, several times faster
@@ -180,16 +218,23 @@ class ProtectedDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: Any, protection: Protection | str | os.PathLike, then: Callable | None = None,
-                 unfitted: str = "error"):
-        self.dataset, self.then = dataset, then
-        self.protect = Protect(protection, keys_getter=lambda inputs: inputs[2], unfitted=unfitted)
+                 unfitted: str = "error", texts_getter: Getter | None = None, class_names: Sequence[str] = (),
+                 template: str | None = None):
+        self.dataset, self.then, self.texts_getter = dataset, then, texts_getter
+        self.protect = Protect(protection, keys_getter=lambda inputs: inputs[2], unfitted=unfitted,
+                               texts_getter=None if texts_getter is None else lambda inputs: inputs[3],
+                               class_names=class_names, template=template)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _caption(self, sample: Any) -> Any:
+        return None if self.texts_getter is None else self.texts_getter(sample)
+
     def __getitem__(self, index: int) -> Any:
-        image, label = self.dataset[index][:2]
-        image, label, _ = self.protect(image, label, str(index))
+        sample = self.dataset[index]
+        image, label = sample[:2]
+        image, label = self.protect(image, label, str(index), self._caption(sample))[:2]
         return self._finish(image, label)
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
@@ -199,12 +244,13 @@ class ProtectedDataset(torch.utils.data.Dataset):
         `protect_batch` call (grouped there by size and dtype); a batch holding anything else is
         fetched sample by sample, as `__getitem__` does.
         """
-        samples = [self.dataset[i][:2] for i in indices]
+        whole = [self.dataset[i] for i in indices]
+        samples, captions = [s[:2] for s in whole], [self._caption(s) for s in whole]
         if not all(_single_image(image) for image, _ in samples):
-            return [self._finish(*self.protect(image, label, str(i))[:2])
-                    for i, (image, label) in zip(indices, samples)]
+            return [self._finish(*self.protect(image, label, str(i), caption)[:2])
+                    for i, (image, label), caption in zip(indices, samples, captions)]
         labels = [label for _, label in samples]
-        conditions = self.protect._conditions((None, labels, [str(i) for i in indices]))
+        conditions = self.protect._conditions((None, labels, [str(i) for i in indices], captions))
         pixels = [_pixels(image) for image, _ in samples]
         out = protect_batch(self.protect.protection, pixels, device=self.protect.device,
                             unfitted=self.protect.unfitted, **conditions)
@@ -221,24 +267,36 @@ class ProtectBatch(torch.nn.Module):
     the GPU after ``images.cuda()``), or on ``device``. `collate` is a ``collate_fn`` that stacks a
     list of ``(image tensor, label)`` samples with ``default_collate`` and protects the batch in the
     DataLoader workers.
+
+    A protection that finds noise by text (T2UE) takes ``texts`` (one caption per image), else prompts
+    made from ``labels`` with ``class_names`` and ``template``; `collate` reads each sample's caption with
+    ``texts_getter`` (``sample -> caption``: ``lambda s: s[1]`` for ``(image, caption)`` samples).
     """
 
     def __init__(self, protection: Protection | str | os.PathLike, device: torch.device | str | None = None,
-                 unfitted: str = "error"):
+                 unfitted: str = "error", texts_getter: Getter | None = None, class_names: Sequence[str] = (),
+                 template: str | None = None):
         super().__init__()
         self.protection = as_protection(protection)
         self.device, self.unfitted = device, unfitted
+        self.texts_getter = texts_getter
+        self.text_source = TextSource(None, tuple(class_names), template)
 
     def forward(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None, keys: list[str] | None = None
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, keys: list[str] | None = None,
+        texts: Sequence[str | bytes] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = protect_batch(self.protection, images, labels=labels, keys=keys, device=self.device,
-                            unfitted=self.unfitted)
+        if needs_texts(self.protection):
+            texts = _texts(self.protection, self.text_source, texts, labels,
+                           None if keys is None else [str(k) for k in keys])
+        out = protect_batch(self.protection, images, labels=labels if needs_labels(self.protection) else None,
+                            keys=keys, device=self.device, unfitted=self.unfitted, texts=texts)
         return out, labels
 
     def collate(self, batch: list[Any]) -> Any:
         """``collate_fn``: ``(image, label)`` samples, or ``(image, label, key)`` for protections that
-        find noise by key, to ``(protected images, labels)``."""
+        find noise by key, to ``(protected images, labels)`` (the second items collated, captions too)."""
         images, labels = default_collate([s[:2] for s in batch])
         keys = [str(s[2]) for s in batch] if len(batch[0]) > 2 else None
-        return self(images, labels, keys)
+        texts = None if self.texts_getter is None else [self.texts_getter(s) for s in batch]
+        return self(images, labels, keys, texts)

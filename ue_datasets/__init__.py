@@ -55,7 +55,8 @@ _LAZY = {
     "Protection": "artifact", "load_protection": "artifact", "read_manifest": "artifact",
     "protect_batch": "apply.core",
     "protect": "apply.protect", "ProtectResult": "apply.protect", "TooManySkipped": "apply.protect",
-    "fit_clusters": "fit", "fit_convolution": "fit", "fit_em": "fit", "fit_salm": "fit",
+    "fit_clusters": "fit", "fit_convolution": "fit", "fit_em": "fit", "fit_salm": "fit", "fit_t2ue": "fit",
+    "text_noise": "apply.generators",
 }
 
 from .version import __version__ as __version__  # noqa: E402

@@ -72,7 +72,7 @@ class Protection:
         for name in sorted(self.tensors):
             t = self.tensors[name].detach().to("cpu").contiguous()
             h.update(_canonical_json([name, str(t.dtype), list(t.shape)]).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return "sha256:" + h.hexdigest()
 
     def public(self) -> dict[str, str]:

@@ -100,9 +100,48 @@ def _fit_em(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_t2ue(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .artifact import ArtifactError
+    from .fit.checkpoint import remove_cache
+    from .fit.t2ue import fit_t2ue
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ArtifactError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    cache = args.cache or f"{str(out).rstrip('/')}.cache"
+    protection = fit_t2ue(
+        args.input, clip=args.clip, caption_field=args.caption_field, image_field=args.image_field, eps=args.eps,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        logit_scale=args.logit_scale, resolution=args.resolution, mode=args.mode, seed=args.seed,
+        device=args.device, cache_dir=cache, init=args.init, limit=args.limit, progress=not args.no_progress,
+    )
+    protection.save(out, overwrite=args.overwrite)
+    if not args.keep_cache:  # only once the artifact is safely written
+        remove_cache(cache, "t2ue", store=False)  # a store beside it is an EM fit's
+    p = protection.params
+    losses = ", ".join(f"{v:.3f}" for v in p["loss_history"][-5:]) or "none (no epoch run)"
+    print(f"fitted t2ue ({args.mode}-wise): generator {p['resolution']} px, eps {p['eps'] * 255:.1f}/255, "
+          f"{p['epochs']} epochs (InfoNCE, last epochs: {losses}) -> {out} (id {protection.id})")
+    print("keep this directory secret: its generator makes the noise; `ue-datasets noise` makes it from text alone")
+    return 0
+
+
+def _noise(args: argparse.Namespace) -> int:
+    from .apply.generators import noise_file
+
+    path = noise_file(args.protection, args.text, args.output, key=args.key, size=args.size, device=args.device,
+                      overwrite=args.overwrite)
+    print(f"noise of {args.text!r} -> {path}")
+    return 0
+
+
 def _fit(args: argparse.Namespace) -> int:
     from .fit import fit_convolution
 
+    if args.method == "t2ue":
+        return _fit_t2ue(args)
     if args.method == "clusters":
         return _fit_clusters(args)
     if args.method in ("em", "salm"):
@@ -119,15 +158,26 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """Check ``--template`` before any work; the class names of ``--class-names``."""
+    from .apply.texts import check_template, read_class_names
+
+    if args.template is not None:
+        check_template(args.template)
+    return read_class_names(args.class_names) if args.class_names else ()
+
+
 def _protect(args: argparse.Namespace) -> int:
     from .apply.protect import TooManySkipped, protect
 
+    class_names = _text_options(args)
     try:
         result = protect(
             args.input, args.output, args.protection, label_field=args.label_field, image_field=args.image_field,
             key_field=args.key_field, keep_fields=args.keep_field, batch_size=args.batch_size, device=args.device,
             encoder=args.encoder, on_error=args.on_error, max_skipped=args.max_skipped, png_level=args.png_level,
-            max_pixels=args.max_pixels, unfitted=args.unfitted, workers=args.workers, overwrite=args.overwrite,
+            max_pixels=args.max_pixels, unfitted=args.unfitted, text_field=args.caption_field,
+            class_names=class_names, template=args.template, workers=args.workers, overwrite=args.overwrite,
             progress=not args.no_progress,
         )
     except TooManySkipped as e:
@@ -165,9 +215,11 @@ def _verify(args: argparse.Namespace) -> int:
         if previous is None or not {"ok", "pixels_checked", "protection"} <= set(previous):
             raise UEDatasetsError(f"{args.report}: exists and is not a verify report; nothing is replaced: "
                                   "choose another --report file")
+    class_names = _text_options(args)
     report = verify(args.protection, args.input, args.clean, args.sample, label_field=args.label_field,
                     image_field=args.image_field, key_field=args.key_field, keep_fields=args.keep_field,
-                    device=args.device, encoder=args.encoder, seed=args.seed, progress=not args.no_progress)
+                    device=args.device, encoder=args.encoder, seed=args.seed, progress=not args.no_progress,
+                    text_field=args.caption_field, class_names=class_names, template=args.template)
     print(report.summary())
     if args.report:
         write_json(args.report, report.to_dict())
@@ -217,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     handler = {"fit": _fit, "protect": _protect, "inspect": _inspect, "verify": _verify, "audit": _audit,
-               "demo": _demo}[args.command]
+               "noise": _noise, "demo": _demo}[args.command]
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

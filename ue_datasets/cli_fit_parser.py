@@ -8,7 +8,7 @@ from .cli_types import fraction, positive
 
 
 def add_fit_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
-    """Add ``fit`` and its methods (cuda, clusters, em, salm) to the command parsers ``sub``."""
+    """Add ``fit`` and its methods (cuda, clusters, em, salm, t2ue) to the command parsers ``sub``."""
     fit = sub.add_parser("fit", help="compute a protection and save it as an artifact directory",
                          description="Compute a protection and save it as an artifact directory.")
     methods = fit.add_subparsers(dest="method", required=True, metavar="METHOD")
@@ -102,6 +102,7 @@ def add_fit_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpForm
     _add_output(uc, cache="feature cache and checkpoints")
     _add_em(methods, fmt)
     _add_salm(methods, fmt)
+    _add_t2ue(methods, fmt)
 
 
 def _add_output(p: argparse.ArgumentParser, cache: str | None = None) -> None:
@@ -200,3 +201,45 @@ def _add_salm(methods: argparse._SubParsersAction, fmt: type[argparse.HelpFormat
     salm.add_argument("--mask-refresh", choices=("once", "round"), default="once",
                       help="compute the masks once (first round) or again at every round")
     _add_em_options(salm)
+
+
+def _add_t2ue(methods: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
+    t2ue = methods.add_parser(
+        "t2ue",
+        formatter_class=fmt,
+        help="T2UE: a generator that makes unlearnable noise from text alone (Ma et al., 2025; a reconstruction)",
+        description=(
+            "T2UE (unlearnable examples from text descriptions): train a generator G(e(text), z) against a frozen "
+            "CLIP so that CLIP matches each protected image (image + noise, |noise| <= eps) with its own caption: "
+            "the noise becomes a text-aligned shortcut. Once trained, noise needs only text: `ue-datasets noise "
+            "--text ...` makes it without any image (zero contact), and `ue-datasets protect` adds it to each "
+            "sample by its caption (--caption-field) or by a class-name prompt (--class-names). --mode class: "
+            "one latent, the noise is a function of the text; sample: a latent per sample key. No official code "
+            "exists: the generator is the paper's SSA-GAN (from the authors' development code), see the README. "
+            "CLIP: open_clip:MODEL:/path/checkpoint.pt, local-dir:/path (an open_clip bundle) or "
+            "open_clip:MODEL:TAG from the local Hugging Face cache; nothing is downloaded."
+        ),
+    )
+    t2ue.add_argument("--input", required=True, metavar="SRC",
+                      help="(image, caption) pairs: shards with jpg/png + txt, a dataset directory or parquet files")
+    t2ue.add_argument("--caption-field", default="txt", help="field/column holding each image's caption")
+    t2ue.add_argument("--image-field", default=None, help="field/column with the image (default: auto / 'image')")
+    t2ue.add_argument("--clip", required=True, metavar="SPEC", help="the frozen CLIP to train against (see above)")
+    t2ue.add_argument("--eps", default="8/255", help="L-inf bound of the noise (paper: 8/255)")
+    t2ue.add_argument("--epochs", type=int, default=10, help="passes over the pairs (paper: 500 on MSCOCO); 0 with "
+                                                             "--init re-wraps a generator, say in the other --mode")
+    t2ue.add_argument("--batch-size", type=positive, default=128, help="pairs per step (paper: 128)")
+    t2ue.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, betas (0.0, 0.9), cosine to 0")
+    t2ue.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    t2ue.add_argument("--logit-scale", type=float, default=None,
+                      help="InfoNCE logit scale (default: the CLIP's own, else 100)")
+    t2ue.add_argument("--resolution", type=positive, default=None,
+                      help="side of the generated noise, a power of two (default: the CLIP's input side rounded "
+                           "up: 224 -> 256); resized to each image nearest")
+    t2ue.add_argument("--mode", choices=("class", "sample"), default="class",
+                      help="class: noise by text alone (one latent); sample: by text and sample key")
+    t2ue.add_argument("--init", default=None, metavar="DIR", help="start from this T2UE artifact's generator")
+    t2ue.add_argument("--limit", type=positive, default=None, help="train on the first N pairs only")
+    t2ue.add_argument("--seed", type=int, default=0, help="seed of the generator, its training latents and z0")
+    t2ue.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    _add_output(t2ue, cache="checkpoints, one per epoch")

@@ -49,6 +49,22 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) or ""
 
 
+def _add_text_options(p: argparse.ArgumentParser) -> None:
+    """Where a text protection (t2ue) finds each sample's text: ``protect`` and ``verify`` take the same."""
+    p.add_argument("--caption-field", default=None, metavar="FIELD",
+                   help="text protections (t2ue) only: the field/column of each sample's caption, which "
+                        "decides its noise (default: 'txt' for shards, as webdataset writes captions; "
+                        "datasets and parquet files have no default)")
+    p.add_argument("--class-names", default=None, metavar="FILE",
+                   help="text protections (t2ue) only: a file of class names, one per line in class-id order; "
+                        "without --caption-field each sample's text is then a prompt made from its label "
+                        "(--label-field) and its class name. A dataset's ClassLabel label column gives its "
+                        "names by default")
+    p.add_argument("--template", default=None, metavar="TEXT",
+                   help="with --class-names: the prompt, with {name} for the class name, such as "
+                        "\"a photo of a {name}.\" (default: the protection's own templates)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = _Formatter
     parser = _Parser(
@@ -112,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a sample the protection holds no noise for (a sample-wise EM or SALM bank fitted on "
                               "other data, or whose pixels differ): error (it fails, or is skipped with --on-error "
                               "skip), or pass it through unprotected and count it as `unprotected` in the stats")
+    _add_text_options(protect)
     protect.add_argument("--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS, metavar="N",
                          help="refuse images that declare more than N pixels (width x height), before decoding "
                               "(Pillow itself refuses more than 2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 million)")
@@ -138,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "key); nothing in it holds a local path, the artifact's digest, artifact files or leftover "
                     ".lock/.partial- files. Exit status: 0 ok, 1 problems found, 2 error.")
     verify.add_argument("--protection", required=True, help="artifact directory the output was protected with")
+    _add_text_options(verify)
     verify.add_argument("--input", required=True, metavar="PROTECTED",
                         help="the protected output: shards, dataset directory or parquet files")
     verify.add_argument("--clean", metavar="SRC", nargs="+", default=None,
@@ -208,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     audit.add_argument("-o", "--output", required=True, metavar="REPORT_DIR", help="folder for the report")
     audit.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    noise = sub.add_parser(
+        "noise", formatter_class=fmt, help="make a text-driven protection's noise from text alone (T2UE)",
+        description="Make the noise a T2UE protection gives to a text, without any image: the zero-contact step. "
+                    "The same artifact, text (and key, sample-wise) give the same bytes on one machine and device. "
+                    "A .png OUTPUT shows the noise mapped to grey levels (-eps black, 0 mid-grey, +eps white); a "
+                    ".safetensors OUTPUT holds it exactly, float32 (3, SIZE, SIZE), under the name 'noise'.")
+    noise.add_argument("--protection", required=True, help="a T2UE artifact directory")
+    noise.add_argument("--text", required=True, help='the caption or prompt, e.g. "a photo of a sneaker."')
+    noise.add_argument("--key", default=None, help="the sample's key (sample-wise protections only)")
+    noise.add_argument("--size", type=positive, default=None,
+                       help="side of the noise image (default: the generator's); resized nearest, as protect does")
+    noise.add_argument("--device", default="cpu", help="where the generator runs (cpu, cuda...)")
+    noise.add_argument("-o", "--output", required=True, metavar="FILE", help="noise.png or noise.safetensors")
+    noise.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT file")
 
     demo = sub.add_parser("demo", formatter_class=fmt, help="protect a small real sample shipped with the package",
                           description="Fit CUDA on 10 classes with the public demo key, protect 300 embedded "

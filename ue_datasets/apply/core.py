@@ -1,10 +1,10 @@
 """Stage 3, apply: the one tensor-level core behind every adapter.
 
 `protect_batch` takes uint8 or float images, one condition per sample (a class id for class-wise
-methods; a sample key where a method or a partial protection needs one) and returns protected images
-of the same dtype and layout, on the device they came on. The adapters (torchvision transform,
-``datasets.map`` function, webdataset stage and shard rewriter, CLI) all call it, so they all give the
-same pixels for the same input.
+methods; a sample key where a method or a partial protection needs one; a text, caption or class-name
+prompt, for T2UE) and returns protected images of the same dtype and layout, on the device they came
+on. The adapters (torchvision transform, ``datasets.map`` function, webdataset stage and shard
+rewriter, CLI) all call it, so they all give the same pixels for the same input.
 
 Channels: 1 (grayscale) and 3 (RGB) channels are protected; a 2nd or 4th channel is alpha and is
 kept byte for byte. Palette images are converted to RGB or RGBA before they get here (`images`).
@@ -25,6 +25,7 @@ from ..errors import UEDatasetsError
 from ..kernels.samples import colour_planes
 from . import bank as _bank  # noqa: F401  (registers the "key" lookup)
 from . import clusters as _clusters  # noqa: F401  (registers the "cluster" lookup)
+from . import generators as _generators  # noqa: F401  (registers the "text" and "text-sample" lookups)
 from .convolution import apply_convolution, apply_filters
 from .noise import NOISE_METHODS, apply_noise, kernel_of, lookup_of
 
@@ -41,7 +42,7 @@ class Method:
 
     Attributes:
         kernel: ``kernel(protection, x uint8 (B, C, H, W), **conditions) -> uint8 (B, C, H, W)``.
-        needs: conditions (``labels``, ``keys``) the kernel cannot do without.
+        needs: conditions (``labels``, ``keys``, ``texts``) the kernel cannot do without.
         uses: conditions the kernel uses when they are given.
         label_range: name of the parameter that bounds labels (``num_classes``), if any.
         covers: ``covers(protection, x, keys) -> bool (B,)``, which samples it can protect; ``None``: all.
@@ -109,6 +110,11 @@ def uncovered(protection: Protection, x: torch.Tensor, keys: Sequence[str] | Non
     return ~covers(protection, x, keys).cpu()
 
 
+def needs_texts(protection: Protection) -> bool:
+    """Whether applying ``protection`` needs a text per sample (T2UE: a caption or a class-name prompt)."""
+    return "texts" in method_of(protection).needs
+
+
 def check_label(protection: Protection, label: object) -> str | None:
     """Why ``label`` is unusable with ``protection`` (``None`` when it is fine)."""
     if isinstance(label, bool) or not isinstance(label, numbers.Integral):
@@ -161,10 +167,23 @@ def _take(v: torch.Tensor | list | None, idx: torch.Tensor) -> torch.Tensor | li
     return [v[i] for i in idx.tolist()]
 
 
+def _check_texts(texts: Sequence[str] | None, n: int) -> None:
+    """Raise unless ``texts`` is one ``str`` per image of ``n``."""
+    if texts is None or len(texts) != n:
+        got = "no texts" if texts is None else f"{len(texts)} texts"
+        raise UEDatasetsError(f"this protection finds each sample's noise by its text: pass one text per image "
+                              f"({got} for {n})")
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise UEDatasetsError(f"texts must be str, got {type(bad).__name__} ({bad!r:.40})")
+
+
 def _protect_uint8(
-    protection: Protection, x: torch.Tensor, labels: torch.Tensor | None, keys: Sequence[str] | None, unfitted: str
+    protection: Protection, x: torch.Tensor, labels: torch.Tensor | None, keys: Sequence[str] | None, unfitted: str,
+    texts: Sequence[str] | None = None,
 ) -> torch.Tensor:
-    """Core on one stack of same-size uint8 images ``(B, C, H, W)``, C in 1..4."""
+    """Core on one stack of same-size uint8 images ``(B, C, H, W)``, C in 1..4, with one text per image
+    where the method takes texts."""
     method = method_of(protection)
     c = x.shape[1]
     if c not in (1, 2, 3, 4):
@@ -192,6 +211,9 @@ def _protect_uint8(
         kwargs["labels"] = labels
     if "keys" in method.needs | method.uses:
         kwargs["keys"] = None if keys is None else [str(k) for k in keys]
+    if "texts" in method.needs or ("texts" in method.uses and texts is not None):
+        _check_texts(texts, x.shape[0])
+        kwargs["texts"] = list(texts)  # type: ignore[arg-type]
     if method.covers is not None:
         missing = uncovered(protection, colour, kwargs.get("keys"))
         if bool(missing.any()):
@@ -222,6 +244,7 @@ def protect_batch(
     keys: Sequence[str] | None = None,
     device: torch.device | str | None = None,
     unfitted: str = "error",
+    texts: Sequence[str] | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
     """Protect a batch of images.
 
@@ -237,10 +260,12 @@ def protect_batch(
             available. The result goes back to the images' device.
         unfitted: samples the protection holds no noise for (one of `UNFITTED`): ``"error"`` raises
             naming their keys, ``"pass"`` returns them unchanged (`uncovered` tells which they are).
+        texts: one text (``str``) per image, where the protection finds noise by text (T2UE,
+            `needs_texts`): the sample's caption or its class-name prompt (`ue_datasets.apply.texts`).
 
     Returns:
         Protected images of the same type, dtype, shapes and device as ``images``. Deterministic:
-        the bytes of an image depend only on it, its condition and the protection.
+        the bytes of an image depend only on it, its conditions and the protection.
     """
     if isinstance(images, torch.Tensor):
         if images.ndim != 4:
@@ -252,13 +277,15 @@ def protect_batch(
         # Contiguous NCHW: a permuted view (as from PIL arrays) makes every pass several times slower.
         if unfitted not in UNFITTED:
             raise UEDatasetsError(f"unfitted must be one of {UNFITTED}, got {unfitted!r}")
-        out = _protect_uint8(prot, _to_uint8(images.to(dev)).contiguous(), lab, keys, unfitted)
+        out = _protect_uint8(prot, _to_uint8(images.to(dev)).contiguous(), lab, keys, unfitted, texts)
         return (out if dtype == torch.uint8 else out.to(dtype).div_(255)).to(home)
     images = list(images)
     if not images:
         return []
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    if texts is not None or needs_texts(protection):
+        _check_texts(texts, len(images))
     groups: dict[tuple, list[int]] = {}
     for i, im in enumerate(images):
         if im.ndim != 3:
@@ -274,6 +301,7 @@ def protect_batch(
             None if keys is None else [keys[i] for i in idx],
             device,
             unfitted,
+            None if texts is None else [texts[i] for i in idx],
         )
         for j, i in enumerate(idx):
             result[i] = out[j]

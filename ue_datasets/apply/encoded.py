@@ -1,9 +1,10 @@
 """Protect encoded images (bytes or PIL) to PNG bytes: the path shared by the record-based adapters.
 
 The ``datasets.map`` function, the webdataset stage, the shard rewriter and the parquet rewriter all
-go through `protect_encoded_stream` (or `protect_encoded`, its one-batch form): decode and mode-normalise each image, check its label, run the tensor
-core once over the batch (grouped by size), encode lossless PNG. A sample that cannot be protected
-comes back as a `SampleError` in its slot, so the caller decides to fail or to skip and record it.
+go through `protect_encoded_stream` (or `protect_encoded`, its one-batch form): decode and
+mode-normalise each image, check its label (or its text), run the tensor core once over the batch
+(grouped by size), encode lossless PNG. A sample that cannot be protected comes back as a
+`SampleError` in its slot, so the caller decides to fail or to skip and record it.
 """
 
 from __future__ import annotations
@@ -20,23 +21,26 @@ from PIL import Image
 from ..artifact import Protection
 from ..errors import SampleError, UEDatasetsError
 from ..kernels.samples import colour_planes
-from .core import check_label, method_of, needs_labels, protect_batch, uncovered
+from .core import check_label, method_of, needs_labels, needs_texts, protect_batch, uncovered
 from .images import (
     DEFAULT_MAX_PIXELS, PNG_LEVEL, Decoded, decode_with_profile, encode_png, holds_image, image_tensor,
 )
+from .texts import TextSource
 
 
 @dataclass(frozen=True)
 class Item:
     """One image to protect: its sample's key, the image (encoded bytes or PIL), the label (or None),
-    the shard or file it comes from when that differs from the batch's source, and the field that
-    holds it (named in errors)."""
+    the shard or file it comes from when that differs from the batch's source, the field that holds it
+    (named in errors), and the text it is protected by where the protection needs one (`needs_texts`;
+    resolved by `ue_datasets.apply.texts.TextSource`)."""
 
     key: str
     image: bytes | Image.Image
     label: Any = None
     source: str | None = None
     field: str | None = None
+    text: str | None = None
 
 
 #: What an adapter does with a sample that cannot be protected: raise, or leave it out and record it.
@@ -86,6 +90,27 @@ def refuse_hidden_image(row: Callable[[str], Any], columns: Iterable[str]) -> No
                               "column), or keep it as it is with keep_fields / --keep-field")
 
 
+def text_columns(texts: TextSource | None, label_column: str) -> list[str]:
+    """The columns a table adapter reads to resolve texts by ``texts`` (``None``: none are needed)."""
+    if texts is None:
+        return []
+    return [texts.field] if texts.field is not None else [label_column] if texts.from_labels else []
+
+
+def row_text(protection: Protection, texts: TextSource | None, row: Callable[[str], Any], label_column: str,
+             key: str) -> str | None:
+    """The text of a table row by ``texts`` (``row(column)`` gives its cell): its caption, or its label's
+    class-name prompt; ``None`` when ``texts`` is (no text needed).
+
+    Raises:
+        UEDatasetsError: a missing caption, a label with no class name... (`TextSource.text`).
+    """
+    if texts is None:
+        return None
+    return texts.text(protection, caption=row(texts.field) if texts.field is not None else None,
+                      label=row(label_column) if texts.from_labels else None, key=key)
+
+
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     """Consecutive lists of ``size`` items (the last one shorter), lazily."""
     group: list[T] = []
@@ -98,11 +123,14 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield group
 
 
-def _decode_item(protection: Protection, item: Item, labelled: bool, max_pixels: int) -> Decoded:
+def _decode_item(protection: Protection, item: Item, labelled: bool, texted: bool, max_pixels: int) -> Decoded:
     if labelled:
         reason = check_label(protection, item.label)
         if reason:
             raise UEDatasetsError(reason)
+    if texted and not isinstance(item.text, str):
+        raise UEDatasetsError("no text for this sample: this protection finds its noise by text (a caption, or a "
+                              "class-name prompt)")
     try:
         if isinstance(item.image, (bytes, bytearray, memoryview)):
             return decode_with_profile(bytes(item.image), max_pixels)
@@ -138,12 +166,12 @@ def protect_encoded_stream(
         ``(payload, results)`` in input order, one PNG or `SampleError` per item.
     """
     pool = pool or shared_pool()
-    labelled = needs_labels(protection)
+    labelled, texted = needs_labels(protection), needs_texts(protection)
     partial = method_of(protection).covers is not None
 
     def load(item: Item) -> Decoded | SampleError:
         try:
-            return _decode_item(protection, item, labelled, max_pixels)
+            return _decode_item(protection, item, labelled, texted, max_pixels)
         except UEDatasetsError as e:
             return SampleError(item.source or source, item.key, str(e))
 
@@ -166,6 +194,7 @@ def protect_encoded_stream(
                 labels=[int(items[i].label) for i in ok] if labelled else None,
                 keys=[items[i].key for i in ok],
                 device=device,
+                texts=[items[i].text for i in ok] if texted else None,
             )
             for i, t in zip(ok, protected):
                 results[i] = pool.submit(encode_png, t, png_level, results[i].icc_profile)
@@ -199,7 +228,7 @@ def protect_encoded(
 
     Args:
         protection: a fitted `Protection`.
-        items: the samples; labels are read when the method needs them.
+        items: the samples; labels (texts) are read when the method needs them.
         source: shard, file or dataset name used in error messages.
         device: where the core computes (``"auto"``: CUDA when available).
         png_level: zlib level of the written PNG (lossless at any level).

@@ -24,6 +24,10 @@ initialised in the parent, and the start method must be ``spawn``
 
 Every ``Image`` column is protected or refused: `protect_dataset` protects ``image_column`` and fails
 on another ``Image`` column unless it is listed in ``keep_columns``.
+
+A protection that finds noise by text (T2UE) takes each row's caption from ``text_column``, or makes a
+prompt from its label with ``class_names``; `protect_dataset` takes the class names of a ``ClassLabel``
+label column when it is given neither.
 """
 
 from __future__ import annotations
@@ -32,17 +36,20 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from ..artifact import Protection, load_protection
+from ..artifact import Protection, as_protection, load_protection
 from ..errors import SampleError, UEDatasetsError
 from ..version import __version__
-from .core import UNFITTED, needs_keys, needs_labels
-from .encoded import ON_ERROR, Item, Unprotected, field_names, protect_encoded, refuse_hidden_image
+from .core import UNFITTED, needs_keys, needs_labels, needs_texts
+from .encoded import (
+    ON_ERROR, Item, Unprotected, field_names, protect_encoded, refuse_hidden_image, row_text, text_columns,
+)
 from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
+from .texts import TextSource
 
 
 #: The process that imported this module; a forked child inherits it, a spawned one imports anew.
@@ -81,6 +88,10 @@ class ProtectMap:
             column fails its row, so no image is published unprotected.
         scan_columns: the columns looked into for image data (default: all; `protect_dataset` names
             those whose features can hold bytes).
+        text_column: for protections that find noise by text (T2UE): the column of each row's caption.
+        class_names: names by class id: without ``text_column``, a row's text is the prompt ``template``
+            makes from its label's name.
+        template: the prompt template, with ``{name}``; default: the protection's own.
 
     Call: ``fn(batch: dict[str, list], indices: list[int] | None = None, rank: int | None = None)``.
     """
@@ -102,6 +113,9 @@ class ProtectMap:
         scan_columns: list[str] | None = None,
         unfitted: str = "error",
         unprotected: list[dict[str, str]] | None = None,
+        text_column: str | None = None,
+        class_names: Sequence[str] = (),
+        template: str | None = None,
     ):
         if on_error not in ON_ERROR:
             raise UEDatasetsError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -124,6 +138,7 @@ class ProtectMap:
         self.warn_skipped = skipped is None  # a caller that collects the skipped rows reports them itself
         self.unfitted = unfitted
         self.unprotected: list[dict[str, str]] = [] if unprotected is None else unprotected
+        self.text_source = TextSource(text_column, tuple(class_names), template)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -149,7 +164,8 @@ class ProtectMap:
         """
         spec = json.dumps(
             [__version__, self.protection_id, self.image_column, self.label_column, self.key_column, self.on_error,
-             self.png_level, self.as_bytes, self.max_pixels, list(self.keep_columns), self.unfitted, previous],
+             self.png_level, self.as_bytes, self.max_pixels, list(self.keep_columns), self.unfitted,
+             self.text_source.settings(), previous],
             sort_keys=True,
         )
         return "ue-" + hashlib.sha256(spec.encode()).hexdigest()[:32]
@@ -196,8 +212,15 @@ class ProtectMap:
         images = batch[self.image_column]
         n = len(images)
         labelled = needs_labels(protection)
+        texts = self.text_source if needs_texts(protection) else None
+        if texts is not None:
+            texts.check_resolvable()
         if labelled and self.label_column not in batch:
             raise UEDatasetsError(f"label column {self.label_column!r} not in the dataset (columns: {sorted(batch)})")
+        missing = [c for c in text_columns(texts, self.label_column) if c not in batch]
+        if missing:
+            what = "caption" if texts.field is not None else "label"  # type: ignore[union-attr]
+            raise UEDatasetsError(f"{what} column {missing[0]!r} not in the dataset (columns: {sorted(batch)})")
         keys = self._keys(batch, indices, n)
         labels = batch[self.label_column] if labelled else [None] * n
         scanned = [c for c in (batch if self.scan_columns is None else self.scan_columns)
@@ -207,7 +230,8 @@ class ProtectMap:
         for i in range(n):
             try:
                 refuse_hidden_image(lambda c: batch[c][i], scanned)  # noqa: B023
-                items.append((i, Item(keys[i], self._image(images[i]), labels[i])))
+                text = row_text(protection, texts, lambda c: batch[c][i], self.label_column, keys[i])  # noqa: B023
+                items.append((i, Item(keys[i], self._image(images[i]), labels[i], text=text)))
             except UEDatasetsError as e:
                 results[i] = SampleError(self.source, keys[i], str(e))
         done = protect_encoded(protection, [it for _, it in items], self.source, self._device(rank), self.png_level,
@@ -263,6 +287,14 @@ def _may_hold_bytes(feature: Any) -> bool:
     return _any_feature(feature, leaf)
 
 
+def class_names_of(features: Any, column: str) -> tuple[str, ...]:
+    """The class names of a ``datasets.ClassLabel`` column (``features[column].names``); ``()`` for any other."""
+    import datasets
+
+    feature = None if features is None else features.get(column)
+    return tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else ()
+
+
 def _is_image_feature(features: Any, column: str) -> bool:
     import datasets
 
@@ -287,6 +319,9 @@ def protect_dataset(
     keep_columns: tuple[str, ...] | list[str] = (),
     unfitted: str = "error",
     unprotected: list[dict[str, str]] | None = None,
+    text_column: str | None = None,
+    class_names: Sequence[str] = (),
+    template: str | None = None,
     **map_kwargs: Any,
 ) -> Any:
     """Protect the image column of a ``datasets`` dataset (map-style, streaming, or a dict of splits).
@@ -305,6 +340,9 @@ def protect_dataset(
     ``keep_columns`` (kept as it is); images declaring more than ``max_pixels`` pixels are refused.
     Rows a sample-wise protection holds no noise for fail (``unfitted="error"``) or are kept unprotected
     (``"pass"``) and, when the map runs in this process, appended to ``unprotected`` as ``{"source", "key"}``.
+    A protection that finds noise by text (T2UE) takes each row's caption from ``text_column``, else a
+    prompt (``template``) from its label's name in ``class_names``, by default the names of a ``ClassLabel``
+    label column.
 
     Returns:
         A dataset of the same kind with protected images (lazy for an ``IterableDataset``).
@@ -315,11 +353,15 @@ def protect_dataset(
         return type(dataset)({
             split: protect_dataset(d, protection, image_column, label_column, key_column, batch_size, device,
                                    num_proc, on_error, png_level, writer_batch_size, f"{source}[{split}]", skipped,
-                                   max_pixels, keep_columns, unfitted, unprotected, **map_kwargs)
+                                   max_pixels, keep_columns, unfitted, unprotected, text_column, class_names,
+                                   template, **map_kwargs)
             for split, d in dataset.items()
         })
     features = dataset.features
     keep_columns = field_names(keep_columns)
+    names = class_names_of(features, label_column) if text_column is None and not class_names else ()
+    if names and needs_texts(as_protection(protection)):
+        class_names = names
     others = [c for c, f in (features or {}).items()
               if _has_image(f) and c != image_column and c not in keep_columns]
     if others:
@@ -332,7 +374,8 @@ def protect_dataset(
     fn = ProtectMap(protection, image_column, label_column, key_column, device, on_error, png_level,
                     as_bytes=not _is_image_feature(features, image_column), source=source, skipped=skipped,
                     max_pixels=max_pixels, keep_columns=keep_columns, unfitted=unfitted, unprotected=unprotected,
-                    scan_columns=None if features is None else [c for c, f in features.items() if _may_hold_bytes(f)])
+                    scan_columns=None if features is None else [c for c, f in features.items() if _may_hold_bytes(f)],
+                    text_column=text_column, class_names=class_names, template=template)
     if isinstance(dataset, datasets.IterableDataset):
         # IterableDataset.map(features=...) takes the output as already decoded; cast decodes the PNGs.
         mapped = dataset.map(fn, batched=True, batch_size=batch_size, with_indices=True, **map_kwargs)

@@ -3,13 +3,15 @@
 Every noise method protects an image the same way, ``x~ = quantise(clamp(x / 255 + delta, 0, 1))``;
 what differs is how a sample finds its ``delta``. A method is its fit, its lookup and its parameters:
 
-========  ======================  =========================================================
-lookup    condition               the delta of a sample
-========  ======================  =========================================================
-class     its label (needed)      ``deltas[label]`` (EM class-wise)
-cluster   its key (used if given) its fitted cluster's, else the nearest center's (Unlearnable Clusters)
-key       its key (needed)        its own, from the protection's noise bank (EM sample-wise, SALM)
-========  ======================  =========================================================
+===========  ======================  =========================================================
+lookup       condition               the delta of a sample
+===========  ======================  =========================================================
+class        its label (needed)      ``deltas[label]`` (EM class-wise)
+cluster      its key (used if given) its fitted cluster's, else the nearest center's (Unlearnable Clusters)
+key          its key (needed)        its own, from the protection's noise bank (EM sample-wise, SALM)
+text         its text (needed)       ``G(e(text), z0)`` from the artifact's generator (T2UE class-wise)
+text-sample  its text and its key    ``G(e(text), z(key))`` (T2UE sample-wise)
+===========  ======================  =========================================================
 
 The ``class`` and ``cluster`` lookups also feed CUDA's convolution kernel: a protection with
 ``params["kernel"] == "filter"`` holds a table ``filters`` (N, k, k) instead of ``deltas``, and each image is filtered with
@@ -17,7 +19,8 @@ the row its lookup finds (`ue_datasets.apply.convolution.apply_filters`; Unlearn
 ``filters`` mode). `table_of` names the table a protection's lookup reads.
 
 A lookup is registered with `register_lookup` where it is defined (``apply/clusters.py``,
-``apply/bank.py``) and chosen by the protection's ``params["lookup"]`` (or its method's default).
+``apply/bank.py``, ``apply/generators.py``) and chosen by the protection's ``params["lookup"]`` (or its
+method's default).
 It returns float32 ``(B, Cd, R, R)`` in [-eps, eps] at a reference resolution (resized nearest), or
 integer grey levels ``(B, C, H, W)`` already quantised (banks). A lookup that holds deltas for some
 samples only also says which (``covers``), so the core can name or pass the others.
@@ -36,7 +39,7 @@ from ..kernels.noise import add_delta
 
 #: Methods whose samples find their rows by a lookup (the additive-noise path, or filters for a
 #: ``kernel: filter`` protection), and the lookup of artifacts that name none.
-NOISE_METHODS: dict[str, str] = {"clusters": "cluster", "em": "class", "salm": "key"}
+NOISE_METHODS: dict[str, str] = {"clusters": "cluster", "em": "class", "salm": "key", "t2ue": "text"}
 #: What a lookup's rows are fed to (``params["kernel"]``): added as noise, or convolved as filters.
 KERNELS = ("noise", "filter")
 #: The lookups whose rows can be filters (they index a table; a bank holds noise levels only).

@@ -7,7 +7,9 @@ the same features, and each input row group gives one output row group (less its
 Another column of images (an ``Image`` feature at any depth) fails the file, and image bytes in any
 other column (binary, or structs and lists holding binary) fail their row, unless the column is listed
 in ``keep_fields``: no image is published unprotected. Sample keys are the key column when
-given, else the row index within the file. Files are written and resumed as webdataset shards are
+given, else the row index within the file. A protection that finds noise by text (T2UE) reads each
+row's caption from ``text_field`` (there is no default caption column), or makes a prompt from its
+label with ``class_names``. Files are written and resumed as webdataset shards are
 (`ue_datasets.apply.shards`).
 """
 
@@ -24,8 +26,8 @@ import pyarrow.parquet as pq
 
 from ..artifact import Protection, as_protection
 from ..errors import SampleError, SourceError, UEDatasetsError
-from .core import needs_labels
-from .encoded import Item, Unprotected, batched, protect_encoded_stream, refuse_hidden_image
+from .core import needs_labels, needs_texts
+from .encoded import Item, Unprotected, batched, protect_encoded_stream, refuse_hidden_image, row_text, text_columns
 from .shards import ShardOptions, ShardStats, check_not_empty, commit_file, run
 
 
@@ -89,6 +91,9 @@ def protect_parquet_file(
     image_col = options.image_field or "image"
     label_col = options.label_field
     labelled = needs_labels(protection)
+    texts = options.text_source if needs_texts(protection) else None
+    if texts is not None:
+        texts.check_resolvable()
 
     def body(f: Any, stats: ShardStats) -> list[str]:
         try:
@@ -113,7 +118,9 @@ def protect_parquet_file(
         except (OSError, pa.ArrowException) as e:
             raise SourceError(in_url, f"cannot read parquet ({type(e).__name__}: {e})") from None
         schema = parquet.schema_arrow
-        for col in [image_col] + ([label_col] if labelled else []) + ([options.key_field] if options.key_field else []):
+        needed = ([image_col] + ([label_col] if labelled else []) + ([options.key_field] if options.key_field else [])
+                  + text_columns(texts, label_col))
+        for col in dict.fromkeys(needed):
             if schema.get_field_index(col) < 0:
                 raise SourceError(in_url, f"no column {col!r} (columns: {', '.join(schema.names)})")
         others = [c for c in image_columns(schema) if c != image_col and c not in options.keep_fields]
@@ -129,7 +136,8 @@ def protect_parquet_file(
         offset = 0
 
         wanted = list(dict.fromkeys([image_col, *([label_col] if labelled else []),
-                                     *([options.key_field] if options.key_field else []), *scanned]))
+                                     *([options.key_field] if options.key_field else []),
+                                     *text_columns(texts, label_col), *scanned]))
 
         def groups() -> Iterator[tuple[tuple[pa.Table, list[str], dict[int, Any], bool], list[Item]]]:
             nonlocal offset
@@ -145,7 +153,8 @@ def protect_parquet_file(
                     try:
                         refuse_hidden_image(lambda c: rows[c][i], scanned)  # noqa: B023
                         label = rows[label_col][i] if labelled else None
-                        outcome[i] = Item(keys[i], _image_value(rows[image_col][i]), label)
+                        text = row_text(protection, texts, lambda c: rows[c][i], label_col, keys[i])  # noqa: B023
+                        outcome[i] = Item(keys[i], _image_value(rows[image_col][i]), label, text=text)
                     except UEDatasetsError as e:
                         outcome[i] = SampleError(in_url, keys[i], str(e))
                 rows_to_protect = [i for i, v in outcome.items() if isinstance(v, Item)]

@@ -178,6 +178,9 @@ def protect(
     png_level: int = PNG_LEVEL,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     unfitted: str = "error",
+    text_field: str | None = None,
+    class_names: Sequence[str] = (),
+    template: str | None = None,
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
@@ -206,6 +209,12 @@ def protect(
         unfitted: samples a sample-wise protection holds no noise for (its noise bank was fitted on
             other data): ``"error"`` fails them (or skips them with ``on_error="skip"``), ``"pass"``
             writes them unprotected and counts them (``unprotected`` in the stats and the result).
+        text_field: protections that find noise by text (T2UE) only: the field or column of each sample's
+            caption (default for shards: ``txt``, webdataset's; tables have no default).
+        class_names: names by class id (`ue_datasets.apply.texts.read_class_names` reads a file of them):
+            without ``text_field``, each sample's text is a prompt made from its label's name. A dataset's
+            ``ClassLabel`` label column gives its names by default.
+        template: the prompt template, with ``{name}`` (default: the protection's, ``"a photo of a {name}."``).
         workers: processes, each protecting whole files (shards and parquet).
         overwrite: redo outputs completed earlier, also those made with another protection.
         progress: show progress (bars on a terminal, periodic lines otherwise).
@@ -229,7 +238,8 @@ def protect(
     options = ShardOptions(
         label_field=label_field or ("cls" if source.kind == "wds" else "label"), image_field=image_field,
         key_field=key_field, keep_fields=keep_fields, batch_size=batch_size, device=device, on_error=on_error,
-        png_level=png_level, max_pixels=max_pixels, unfitted=unfitted,
+        png_level=png_level, max_pixels=max_pixels, unfitted=unfitted, text_field=text_field,
+        class_names=tuple(class_names), template=template,
     )
     _, stats = protect_source(protection, source, dst, options, workers, overwrite, progress=progress)
     result = ProtectResult(source.kind, dst, stats, time.perf_counter() - start)

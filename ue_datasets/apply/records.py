@@ -31,13 +31,15 @@ from .wds import image_field_of, label_of, read_samples
 @dataclass(frozen=True)
 class Record:
     """One sample: where it comes from, its key, its encoded image (bytes or PIL) and its raw label;
-    ``fields`` when every field is read (see `iter_records`)."""
+    ``fields`` when every field is read, ``text`` (raw: bytes in shards) when a text field is (see
+    `iter_records`)."""
 
     source: str
     key: str
     image: bytes | Any
     label: Any = None
     fields: dict[str, Any] | None = None
+    text: Any = None
 
 
 def _read(path: str | None) -> bytes:
@@ -56,6 +58,7 @@ def iter_records(
     labels: bool = False,
     one_split: bool = False,
     fields: bool = False,
+    text_field: str | None = None,
 ) -> Iterator[Record]:
     """Every sample of ``src`` (shards, parquet files or a ``save_to_disk`` directory), in order.
 
@@ -67,6 +70,8 @@ def iter_records(
         labels: read labels (a missing or non-integer label is a `SampleError`).
         one_split: refuse a ``DatasetDict`` instead of reading its splits one after the other.
         fields: tables only: also read every other column, into ``fields`` (image columns undecoded).
+        text_field: also read this caption field (webdataset ``txt``) or column, into ``text``; a
+            sample without it is a `SampleError`.
 
     Raises:
         SampleError: a sample lacks its image or label (names the file and the key).
@@ -82,25 +87,31 @@ def iter_records(
                     if isinstance(sample, SampleError):
                         raise sample
                     try:
+                        if text_field is not None and text_field not in sample:
+                            raise UEDatasetsError(f"missing caption field {text_field!r} (fields: "
+                                                  f"{', '.join(sorted(k for k in sample if not k.startswith('__')))})")
                         yield Record(url, sample["__key__"], sample[image_field_of(sample, image_field)],
-                                     label_of(sample, field) if labels else None)
+                                     label_of(sample, field) if labels else None,
+                                     text=None if text_field is None else sample[text_field])
                     except UEDatasetsError as e:
                         raise SampleError(url, sample["__key__"], str(e)) from None
         return
     image_col, label_col = image_field or "image", label_field or "label"
-    columns = [image_col] + ([label_col] if labels else []) + ([key_field] if key_field else [])
+    columns = ([image_col] + ([label_col] if labels else []) + ([key_field] if key_field else [])
+               + ([text_field] if text_field else []))
     if source.kind == "hf":
-        yield from _dataset_records(src, source.urls[0], image_col, label_col, key_field, labels, one_split, fields)
+        yield from _dataset_records(src, source.urls[0], image_col, label_col, key_field, labels, one_split, fields,
+                                    text_field)
         return
     for url in source.urls:
         try:
-            yield from _parquet_records(url, image_col, label_col, key_field, columns, labels, fields)
+            yield from _parquet_records(url, image_col, label_col, key_field, columns, labels, fields, text_field)
         except (pa.ArrowException, OSError) as e:
             raise SourceError(url, f"cannot read the parquet file ({type(e).__name__}: {e})") from None
 
 
 def _dataset_records(src: str, path: str, image_col: str, label_col: str, key_field: str | None, labels: bool,
-                     one_split: bool, fields: bool) -> Iterator[Record]:
+                     one_split: bool, fields: bool, text_field: str | None = None) -> Iterator[Record]:
     """The records of a ``save_to_disk`` dataset (see `iter_records`)."""
     import datasets
 
@@ -114,7 +125,8 @@ def _dataset_records(src: str, path: str, image_col: str, label_col: str, key_fi
     splits = ds.items() if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
     for split, part in splits:
         name = src if split is None else f"{src}[{split}]"
-        for col in [image_col] + ([label_col] if labels else []) + ([key_field] if key_field else []):
+        for col in [image_col] + ([label_col] if labels else []) + ([key_field] if key_field else []) + (
+                [text_field] if text_field else []):
             if col not in part.column_names:
                 raise UEDatasetsError(f"{name}: no column {col!r} (columns: {part.column_names})")
         for col, feature in part.features.items():
@@ -122,7 +134,8 @@ def _dataset_records(src: str, path: str, image_col: str, label_col: str, key_fi
                 part = part.cast_column(col, datasets.Image(decode=False))
         column = key_field or ("__key__" if "__key__" in part.column_names else None)
         if not fields:
-            part = part.select_columns([c for c in (image_col, label_col if labels else None, column) if c])
+            part = part.select_columns(list(dict.fromkeys(
+                c for c in (image_col, label_col if labels else None, column, text_field) if c)))
         try:
             for i, row in enumerate(part):
                 key = str(row[column]) if column else str(i)
@@ -133,13 +146,14 @@ def _dataset_records(src: str, path: str, image_col: str, label_col: str, key_fi
                 except UEDatasetsError as e:
                     raise SampleError(name, key, str(e)) from None
                 yield Record(name, key, data, row[label_col] if labels else None,
-                             {k: v for k, v in row.items() if k != image_col} if fields else None)
+                             {k: v for k, v in row.items() if k != image_col} if fields else None,
+                             row[text_field] if text_field else None)
         except pa.ArrowException as e:
             raise SourceError(name, f"cannot read the dataset ({type(e).__name__}: {e})") from None
 
 
 def _parquet_records(url: str, image_col: str, label_col: str, key_field: str | None, columns: list[str],
-                     labels: bool, fields: bool) -> Iterator[Record]:
+                     labels: bool, fields: bool, text_field: str | None = None) -> Iterator[Record]:
     """The records of one parquet file (see `iter_records`)."""
     import pyarrow.parquet as pq
 
@@ -150,7 +164,7 @@ def _parquet_records(url: str, image_col: str, label_col: str, key_field: str | 
             if col not in names:
                 raise UEDatasetsError(f"{url}: no column {col!r} (columns: {names})")
         offset = 0
-        for batch in parquet.iter_batches(batch_size=256, columns=None if fields else columns):
+        for batch in parquet.iter_batches(batch_size=256, columns=None if fields else list(dict.fromkeys(columns))):
             rows = batch.to_pydict()
             for i, image in enumerate(rows[image_col]):
                 key = str(rows[key_field][i]) if key_field else str(offset + i)
@@ -158,7 +172,8 @@ def _parquet_records(url: str, image_col: str, label_col: str, key_field: str | 
                 if data is None:
                     raise SampleError(url, key, "image has no bytes")
                 yield Record(url, key, data, rows[label_col][i] if labels else None,
-                             {k: v[i] for k, v in rows.items() if k != image_col} if fields else None)
+                             {k: v[i] for k, v in rows.items() if k != image_col} if fields else None,
+                             rows[text_field][i] if text_field else None)
             offset += batch.num_rows
 
 

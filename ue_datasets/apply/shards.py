@@ -48,6 +48,7 @@ from .core import UNFITTED, needs_keys, resolve_device, selected
 from .encoded import ON_ERROR, field_names
 from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
 from .locations import check_output, check_output_name
+from .texts import TextSource, check_template
 
 #: Names of the files the rewriters read and write: webdataset shards, parquet files.
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -79,6 +80,12 @@ class ShardOptions:
         unfitted: a sample the protection holds no noise for (a sample-wise noise bank fitted on other
             data): ``"error"`` fails it (or skips it under ``on_error="skip"``), ``"pass"`` writes it
             unprotected and counts it as ``unprotected`` in the stats.
+        text_field: for protections that find noise by text (T2UE): the field or column of each
+            sample's caption; default for shards: ``txt`` (webdataset's), unless ``class_names`` is given.
+        class_names: names by class id: without ``text_field``, each sample's text is the prompt
+            ``template`` makes from its label's name (read from ``label_field``).
+        template: the prompt template, with ``{name}``; default: the protection's own
+            (`ue_datasets.apply.texts.TextSource`).
     """
 
     label_field: str = "cls"
@@ -91,6 +98,9 @@ class ShardOptions:
     png_level: int = PNG_LEVEL
     max_pixels: int = DEFAULT_MAX_PIXELS
     unfitted: str = "error"
+    text_field: str | None = None
+    class_names: tuple[str, ...] = ()
+    template: str | None = None
 
     def __post_init__(self) -> None:
         if self.on_error not in ON_ERROR:
@@ -102,16 +112,24 @@ class ShardOptions:
         if self.max_pixels < 1:
             raise UEDatasetsError(f"max_pixels must be >= 1, got {self.max_pixels}")
         object.__setattr__(self, "keep_fields", field_names(self.keep_fields))
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        if self.template is not None:
+            check_template(self.template)
 
     def replace(self, **changes: Any) -> ShardOptions:
         return ShardOptions(**{**asdict(self), **changes})
+
+    @property
+    def text_source(self) -> TextSource:
+        """Where each sample's text comes from, as given (an adapter fills in its own default caption field)."""
+        return TextSource(self.text_field, self.class_names, self.template)
 
     def settings(self) -> dict[str, Any]:
         """The options that decide an output's bytes (not batch size or device): a rerun with other
         settings redoes the output instead of resuming it."""
         return {"label_field": self.label_field, "image_field": self.image_field, "key_field": self.key_field,
                 "keep_fields": list(self.keep_fields), "on_error": self.on_error, "png_level": self.png_level,
-                "max_pixels": self.max_pixels, "unfitted": self.unfitted}
+                "max_pixels": self.max_pixels, "unfitted": self.unfitted, **self.text_source.settings()}
 
 
 @dataclass

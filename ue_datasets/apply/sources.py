@@ -284,7 +284,8 @@ def _write_dataset(protection: Protection, src: str, dst: str, partial: str, nam
                     batch_size=options.batch_size, device=options.device, on_error=options.on_error,
                     png_level=options.png_level, max_pixels=options.max_pixels,
                     keep_columns=options.keep_fields, source=source, skipped=skipped,
-                    unfitted=options.unfitted, unprotected=unprotected,
+                    unfitted=options.unfitted, unprotected=unprotected, text_column=options.text_field,
+                    class_names=options.class_names, template=options.template,
                     cache_file_name=posixpath.join(cache, f"{split or 'data'}.arrow"),
                 )
             except OSError as e:

@@ -35,15 +35,16 @@ import torch
 from ..artifact import Protection, as_protection
 from ..errors import SampleError, UEDatasetsError
 from ..progress import progress_bar
-from .core import check_label, needs_labels, protect_batch
-from .encoded import field_names
+from .core import check_label, needs_labels, needs_texts, protect_batch
+from .encoded import field_names, row_text
 from .images import image_tensor
 from .leaks import Finding, local_needles, scan
 from .records import Record, iter_records
 from .shards import output_name
 from .sources import KIND_NAMES, Source, resolve
+from .texts import TextSource
 from .verify_files import Id, check_files, skipped_keys
-from .wds import META, image_fields, label_of, output_names, read_samples
+from .wds import META, image_fields, label_of, output_names, read_samples, shard_texts, text_of
 
 #: Samples per call of the tensor core.
 BATCH = 64
@@ -164,19 +165,22 @@ class _Reader:
 
 
 def _images(protection: Protection, p: Record, c: Record, kind: str, options: dict[str, Any],
-            keep_fields: tuple[str, ...]) -> tuple[list[tuple[str, Any, Any]], Any]:
-    """Each image to check, as ``(name, published, clean)``, and the label to protect with.
+            keep_fields: tuple[str, ...]) -> tuple[list[tuple[str, Any, Any]], Any, str | None]:
+    """Each image to check, as ``(name, published, clean)``, and the label and the text (the clean
+    sample's; ``None`` unless the protection needs one) to protect with.
 
     Raises:
         UEDatasetsError: why the sample is tampered (a label or field differs from the clean sample...).
     """
     labelled = needs_labels(protection)
+    texts = options["texts"] if needs_texts(protection) else None
     if kind != "wds":
         column = options["label_field"] or "label"
         if p.fields.get(column) != c.fields.get(column):  # type: ignore[union-attr]
             raise UEDatasetsError("label differs from the clean source")
         label = p.fields.get(column) if labelled else None  # type: ignore[union-attr]
-        return [(options["image_field"] or "image", p.image, c.image)], label
+        text = row_text(protection, texts, (c.fields or {}).get, column, c.key)
+        return [(options["image_field"] or "image", p.image, c.image)], label, text
     out, clean = p.fields or {}, c.fields or {}
     label_field = options["label_field"] or "cls"
     try:
@@ -195,7 +199,20 @@ def _images(protection: Protection, p: Record, c: Record, kind: str, options: di
     absent = [names[f] for f in fields if names[f] not in out]
     if absent:
         raise UEDatasetsError(f"image field {absent[0]!r} is not in the output")
-    return [(names[f], out[names[f]], clean[f]) for f in fields], label_of(out, label_field) if labelled else None
+    text = text_of(protection, {**clean, "__key__": c.key}, texts, label_field) if texts is not None else None
+    return ([(names[f], out[names[f]], clean[f]) for f in fields], label_of(out, label_field) if labelled else None,
+            text)
+
+
+def _dataset_class_names(path: str, label_column: str) -> tuple[str, ...]:
+    """The class names of a ``save_to_disk`` dataset's ``ClassLabel`` label column, as protect takes them."""
+    import datasets
+
+    from .hf import class_names_of
+
+    ds = datasets.load_from_disk(path)
+    parts = list(ds.values()) if isinstance(ds, datasets.DatasetDict) else [ds]
+    return class_names_of(parts[0].features, label_column) if parts else ()
 
 
 def _verdict(out: torch.Tensor, exp: torch.Tensor, clean: torch.Tensor) -> tuple[str, str] | None:
@@ -217,10 +234,10 @@ def _classify(protection: Protection, pairs: list[tuple[str, Record, Record]], o
     protection of its images, and sort it into ``report``: a sample with a tampered image is tampered,
     else one with a clean image unprotected."""
     labelled = needs_labels(protection)
-    ready: list[tuple[str, Record, list[tuple[str, torch.Tensor, torch.Tensor]], Any]] = []
+    ready: list[tuple[str, Record, list[tuple[str, torch.Tensor, torch.Tensor]], Any, str | None]] = []
     for file, p, c in pairs:
         try:
-            images, label = _images(protection, p, c, report.kind, options, keep_fields)
+            images, label, text = _images(protection, p, c, report.kind, options, keep_fields)
             reason = check_label(protection, label) if labelled else None
             if reason is not None:
                 raise UEDatasetsError(reason)
@@ -233,15 +250,16 @@ def _classify(protection: Protection, pairs: list[tuple[str, Record, Record]], o
         except UEDatasetsError as e:
             report.tampered.append(SampleFinding(file, p.key, str(e)))
             continue
-        ready.append((file, p, tensors, label))
-    flat = [(clean, label, p.key) for _, p, tensors, label in ready for _, _, clean in tensors]
+        ready.append((file, p, tensors, label, text))
+    flat = [(clean, label, p.key, text) for _, p, tensors, label, text in ready for _, _, clean in tensors]
     if not flat:
         return
-    expected = iter(protect_batch(protection, [clean for clean, _, _ in flat],
-                                  labels=[int(label) for _, label, _ in flat] if labelled else None,
-                                  keys=[key for _, _, key in flat], device=device,
-                                  unfitted="pass"))  # a sample a noise bank lacks is expected unchanged
-    for file, p, tensors, _ in ready:
+    expected = iter(protect_batch(protection, [clean for clean, _, _, _ in flat],
+                                  labels=[int(label) for _, label, _, _ in flat] if labelled else None,
+                                  keys=[key for _, _, key, _ in flat], device=device,
+                                  unfitted="pass",  # a sample a noise bank lacks is expected unchanged
+                                  texts=[text for *_, text in flat] if needs_texts(protection) else None))
+    for file, p, tensors, _, _ in ready:
         report.checked += 1
         wrong, unchanged = [], True
         for (name, out, clean), exp in zip(tensors, expected):
@@ -354,6 +372,9 @@ def verify(
     image_field: str | None = None,
     key_field: str | None = None,
     keep_fields: str | Sequence[str] = (),
+    text_field: str | None = None,
+    class_names: Sequence[str] = (),
+    template: str | None = None,
     device: str = "cpu",
     encoder: str | None = None,
     seed: int = 0,
@@ -369,6 +390,9 @@ def verify(
         sample: check this many samples, a random subset drawn with ``seed`` (default: all).
         label_field, image_field, key_field, keep_fields: as given to ``ue-datasets protect``
             (``image_field`` and ``keep_fields`` name fields of the clean samples).
+        text_field, class_names, template: text protections (T2UE) only: as given to protect (the
+            caption field defaults to ``txt`` for shards; a dataset's ``ClassLabel`` label column gives
+            its class names).
         device: where the tensor core recomputes protections.
         encoder: clusters protections only: where the surrogate encoder's weights are now (an encoder
             spec, as for ``protect --encoder``).
@@ -394,7 +418,14 @@ def verify(
         if clean_source.kind != source.kind:
             raise UEDatasetsError(f"{' '.join(clean_list)} is {KIND_NAMES[clean_source.kind]} and {protected} is "
                                   f"{KIND_NAMES[source.kind]}; give the source the output was protected from")
-        options = {"image_field": image_field, "label_field": label_field, "key_field": key_field}
+        texts = TextSource(text_field, tuple(class_names), template)
+        if clean_source.kind == "wds":
+            texts = shard_texts(texts)
+        elif clean_source.kind == "hf" and texts.field is None and not texts.class_names and needs_texts(protection):
+            texts = replace(texts, class_names=_dataset_class_names(clean_source.urls[0], label_field or "label"))
+        if needs_texts(protection):
+            texts.check_resolvable()
+        options = {"image_field": image_field, "label_field": label_field, "key_field": key_field, "texts": texts}
         _check_samples(protection, source, clean_source, sample, options, field_names(keep_fields), device, seed,
                        progress, report)
     cleans = {"the clean source's path" + (f" ({i + 1} of {len(clean_list)})" if len(clean_list) > 1 else ""): c

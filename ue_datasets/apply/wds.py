@@ -13,6 +13,9 @@ make the sample fail, and so do compressed images (``seg.png.gz``) and image byt
 fields, unless the field is listed in ``keep_fields`` (segmentation masks, say), which are passed on
 unprotected.
 
+A protection that finds noise by text (T2UE) reads each sample's caption from ``txt`` (webdataset's
+convention; ``text_field`` names another), or, given ``class_names``, makes a prompt from its label.
+
 Shard rewriting (`protect_shards`) writes one output shard per input shard under the same name (a
 ``.tar.gz`` input gives a ``.tar``), in the same sample and key order, through fsspec URLs, under the
 commit protocol of `ue_datasets.apply.commit`.
@@ -26,18 +29,22 @@ import posixpath
 import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import fsspec
 
 from ..artifact import Protection, as_protection
 from ..errors import SampleError, SourceError, UEDatasetsError
-from .core import needs_labels
+from .core import needs_labels, needs_texts
 from .encoded import Item, Unprotected, batched, protect_encoded_stream
 from .images import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, looks_like_image
 from .shards import ShardOptions, ShardStats, check_not_empty, commit_file, run
+from .texts import TextSource
 
 OUTPUT_FIELD = "png"
+#: The caption field of a sample when a text protection is given neither a caption field nor class names.
+CAPTION_FIELD = "txt"
 #: Entries of a raw sample that are not fields: never written, never taken from a tar member.
 META = ("__key__", "__url__", "__local_path__")
 #: Extensions of compressed fields (webdataset decompresses ``.gz`` before decoding).
@@ -235,9 +242,30 @@ def label_of(sample: dict[str, Any], label_field: str) -> int:
         raise UEDatasetsError(f"label field {label_field!r} is not an integer: {shown!r}") from None
 
 
-def _prepare(sample: dict[str, Any] | SampleError, options: ShardOptions, labelled: bool,
-             default_source: str) -> tuple[dict[str, str], list[Item]] | SampleError:
-    """The output name of each image field and their `Item`s, or why the sample cannot be protected."""
+def shard_texts(texts: TextSource) -> TextSource:
+    """``texts`` as shards read them: a caption field `CAPTION_FIELD` when it names neither a caption field
+    nor class names."""
+    return texts if texts.field is not None or texts.class_names else replace(texts, field=CAPTION_FIELD)
+
+
+def text_of(protection: Protection, sample: dict[str, Any], texts: TextSource, label_field: str) -> str:
+    """The text a raw sample is protected by: its caption field (UTF-8), or the prompt of its label's class.
+
+    Raises:
+        UEDatasetsError: a missing or non-text caption field, a label with no class name.
+    """
+    if texts.field is not None and texts.field not in sample:
+        raise UEDatasetsError(f"missing caption field {texts.field!r} (fields: {_fields(sample)}); name the caption "
+                              "field (text_field, --caption-field) or give class names (class_names, --class-names)")
+    label = label_of(sample, label_field) if texts.from_labels else None
+    return texts.text(protection, caption=None if texts.field is None else sample[texts.field], label=label,
+                      key=sample["__key__"])
+
+
+def _prepare(protection: Protection, sample: dict[str, Any] | SampleError, options: ShardOptions, labelled: bool,
+             texts: TextSource | None, default_source: str) -> tuple[dict[str, str], list[Item]] | SampleError:
+    """The output name of each image field and their `Item`s (with the sample's text when ``texts`` is
+    given), or why the sample cannot be protected."""
     if isinstance(sample, SampleError):
         return sample
     key, source = sample["__key__"], sample.get("__url__", default_source)
@@ -245,7 +273,8 @@ def _prepare(sample: dict[str, Any] | SampleError, options: ShardOptions, labell
         fields = image_fields(sample, options.image_field, options.keep_fields)
         names = output_names(sample, fields)
         label = label_of(sample, options.label_field) if labelled else None
-        return names, [Item(key, sample[f], label, source, f) for f in fields]
+        text = text_of(protection, sample, texts, options.label_field) if texts is not None else None
+        return names, [Item(key, sample[f], label, source, f, text) for f in fields]
     except UEDatasetsError as e:
         return SampleError(source, key, str(e))
 
@@ -263,7 +292,8 @@ def protect_samples(
         protection: a fitted `Protection`.
         samples: dicts ``{"__key__": str, ext: bytes, ...}`` as ``wds.WebDataset`` yields them
             before ``.decode()`` (or `SampleError`s in place of samples that could not be read).
-        options: fields, batch size, device and error policy.
+        options: fields (the caption field ``txt`` by default, for text protections), batch size,
+            device and error policy.
         on_skip: called with each skipped sample's error when ``options.on_error == "skip"``.
         source: name used in errors for samples without ``__url__``.
 
@@ -272,10 +302,11 @@ def protect_samples(
         image (under the name `output_names` gives).
     """
     labelled = needs_labels(protection)
+    texts = shard_texts(options.text_source) if needs_texts(protection) else None
 
     def prepared() -> Iterator[tuple[tuple[list, list], list[Item]]]:
         for group in batched(samples, options.batch_size):
-            preps = [_prepare(s, options, labelled, source) for s in group]
+            preps = [_prepare(protection, s, options, labelled, texts, source) for s in group]
             yield (group, preps), [it for p in preps if not isinstance(p, SampleError) for it in p[1]]
 
     stream = protect_encoded_stream(protection, prepared(), source, options.device, options.png_level,
@@ -318,8 +349,8 @@ def protect_stage(protection: Protection | str | os.PathLike, options: ShardOpti
     20
 
     ``protection`` is a `Protection` or its artifact directory. Keyword arguments override fields of
-    ``options`` (``label_field="label"``, ``device="cuda"``...). Skipped samples (``on_error="skip"``)
-    are logged as warnings.
+    ``options`` (``label_field="label"``, ``device="cuda"``, ``text_field="caption"``,
+    ``class_names=names``...). Skipped samples (``on_error="skip"``) are logged as warnings.
     """
     protection, options = as_protection(protection), options.replace(**kwargs)
 

@@ -30,13 +30,14 @@ def claim_cache(cache: Path) -> None:
     (cache / CACHE_MARK).touch()
 
 
-def remove_cache(cache: str | os.PathLike, method: str = "em") -> None:
-    """Remove what an EM or SALM fit wrote into ``cache`` (the sample store and the ``method``'s
-    checkpoint folder), only in a cache a fit marked as its own; the folder itself only if then empty."""
+def remove_cache(cache: str | os.PathLike, method: str = "em", store: bool = True) -> None:
+    """Remove what a fit wrote into ``cache`` (the ``method``'s checkpoint folder, and the sample store of
+    EM and SALM when ``store``), only in a cache a fit marked as its own; the folder itself only if then
+    empty."""
     cache = Path(cache)
     if not (cache / CACHE_MARK).exists():
         return
-    for sub in ("store", method):
+    for sub in ("store", method) if store else (method,):
         shutil.rmtree(cache / sub, ignore_errors=True)
     if not any(p.name != CACHE_MARK for p in cache.iterdir()):
         (cache / CACHE_MARK).unlink()

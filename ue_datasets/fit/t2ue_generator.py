@@ -17,6 +17,8 @@ from torch.nn import functional as F
 
 from ..errors import UEDatasetsError
 
+#: How the tanh output is brought within the budget (`T2UEGenerator.noise`).
+BOUNDS = ("scale", "clamp")
 CHANNEL_MULTS = (8, 8, 8, 8, 4, 2, 1)
 """Output channels of blocks 0..6 in units of ``ngf``; block ``i`` works at side ``4 * 2**i``."""
 
@@ -112,13 +114,18 @@ class T2UEGenerator(nn.Module):
                 logits = self.masks[i + 1](h)
         return self.head(h)
 
-    def noise(self, e: torch.Tensor, z: torch.Tensor, eps: float, size: int | None = None) -> torch.Tensor:
+    def noise(self, e: torch.Tensor, z: torch.Tensor, eps: float, size: int | None = None,
+              bound: str = "scale") -> torch.Tensor:
         """The perturbation ``(B, 3, size, size)``, float32, with L-inf norm at most ``eps``.
 
-        The tanh output is clamped to ``[-eps, eps]`` (not scaled by ``eps``), as the development
-        code does, then resized nearest to ``size`` (default: the generator's resolution).
+        ``bound`` (one of `BOUNDS`): ``scale`` multiplies the tanh output by ``eps`` (every element keeps
+        a gradient); ``clamp`` clamps it to ``[-eps, eps]`` as the development code does (elements beyond
+        the budget get no gradient). Then resized nearest to ``size`` (default: the generator's resolution).
         """
-        delta = self.forward(e, z).clamp(-eps, eps)
+        if bound not in BOUNDS:
+            raise UEDatasetsError(f"bound must be one of {BOUNDS}, got {bound!r}")
+        out = self.forward(e, z)
+        delta = out * eps if bound == "scale" else out.clamp(-eps, eps)
         size = self.resolution if size is None else size
         return delta if size == self.resolution else F.interpolate(delta, size=(size, size), mode="nearest")
 
