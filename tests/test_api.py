@@ -33,8 +33,8 @@ def test_fit_by_name_equals_the_method_function_and_saves(tmp_path):
 
 
 def test_fit_with_an_unknown_method_names_the_known_ones():
-    with pytest.raises(UEDatasetsError, match="clusters, convolution, cuda, em, salm"):
-        ue_datasets.fit("uge", num_classes=10)
+    with pytest.raises(UEDatasetsError, match="clusters, convolution, cuda, em, salm, t2ue, uge"):
+        ue_datasets.fit("ntga", num_classes=10)
 
 
 @pytest.mark.parametrize("kind", ["wds", "parquet", "hf"])

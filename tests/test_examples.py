@@ -131,6 +131,7 @@ def readme_dir(tmp_path_factory):
     bundle = _tiny_bundle(root / "models")
     stand_ins = {"open_clip:RN50-quickgelu:/models/rn50-openai.pt": bundle, "local-dir:/models/my-clip": bundle,
                  "--epochs 50": "--epochs 1 --batch-size 8",
+                 "--rounds 12": "--rounds 1 --train-steps 1 --pgd-steps 1 --batch-size 8 --device cpu",
                  "--clusters 10": "--clusters 2 --mode fast --epochs 1", "--epochs 10": "--epochs 1",
                  "--max-rounds 10": "--max-rounds 1 --pgd-steps 2 --device cpu"}
     return root, stand_ins

@@ -56,6 +56,7 @@ _LAZY = {
     "protect_batch": "apply.core",
     "protect": "apply.protect", "ProtectResult": "apply.protect", "TooManySkipped": "apply.protect",
     "fit_clusters": "fit", "fit_convolution": "fit", "fit_em": "fit", "fit_salm": "fit", "fit_t2ue": "fit",
+    "fit_uge": "fit", "authorized_model": "fit.uge",
     "text_noise": "apply.generators",
 }
 

@@ -128,6 +128,44 @@ def _fit_t2ue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_uge(args: argparse.Namespace) -> int:
+    """``fit uge``: fit into a cache beside the output (a sample store and checkpoints), save, drop the cache."""
+    from pathlib import Path
+
+    from .artifact import ArtifactError
+    from .fit.checkpoint import remove_cache
+    from .fit.uge import fit_uge
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:  # refused now, not after a long fit
+        raise ArtifactError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    cache = args.cache or f"{str(out).rstrip('/')}.cache"
+    had_store = (Path(cache) / "store").exists()  # another fit's (EM's) sample store: not this run's to remove
+    protection = fit_uge(
+        args.input, authorized=args.authorized, authorized_seed=args.authorized_seed, encoder=args.encoder,
+        feature_target=args.feature_target,
+        label_field=args.label_field, image_field=args.image_field, key_field=args.key_field,
+        num_classes=args.num_classes, eps=args.eps, resolution=args.resolution, lambda_gm=args.lambda_gm,
+        lambda_fd=args.lambda_fd, lambda_ud=args.lambda_ud, tau=args.tau, rounds=args.rounds,
+        train_steps=args.train_steps, pgd_steps=args.pgd_steps, step_size=args.step_size,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, limit=args.limit,
+        cache_dir=cache, progress=not args.no_progress,
+    )
+    protection.save(out, overwrite=args.overwrite)
+    if not args.keep_cache:  # only once the artifact is safely written; fit_uge's sample store is in cache/store
+        remove_cache(cache, "uge", store=not had_store)
+    p = protection.params
+    last = {name: (values[-1] if values else None) for name, values in p.get("history", {}).items()}
+    losses = ", ".join(f"{name} {'n/a' if last.get(name) is None else f'{last[name]:.4g}'}"
+                       for name in ("gm", "fd", "ud"))
+    print(f"fitted uge (class-wise): {p['samples']} images, {p['num_classes']} classes, eps {p['eps'] * 255:.1f}/255, "
+          f"{p['rounds']} rounds (last round: {losses}), authorized {p['authorized']['arch']} -> {out} "
+          f"(id {protection.id})")
+    print("keep this directory secret: it holds the noise and the authorized network's secret initialisation; "
+          "authorized users get the network from `ue_datasets.authorized_model(DIR)`")
+    return 0
+
+
 def _noise(args: argparse.Namespace) -> int:
     from .apply.generators import noise_file
 
@@ -142,6 +180,8 @@ def _fit(args: argparse.Namespace) -> int:
 
     if args.method == "t2ue":
         return _fit_t2ue(args)
+    if args.method == "uge":
+        return _fit_uge(args)
     if args.method == "clusters":
         return _fit_clusters(args)
     if args.method in ("em", "salm"):
@@ -235,7 +275,7 @@ def _audit(args: argparse.Namespace) -> int:
         defenses=tuple(d.strip() for d in args.defense.split(",") if d.strip()), relabel=args.relabel,
         probe=args.probe, baseline=not args.no_baseline, device=args.device, image_size=args.image_size,
         limit=args.limit, label_field=args.label_field, image_field=args.image_field, key_field=args.key_field,
-        protection=args.protection, oracle=not args.no_oracle,
+        protection=args.protection, oracle=not args.no_oracle, authorized=args.authorized,
     )
     report = run_audit(args.protected, args.clean, args.test, args.output, config, progress=not args.no_progress)
     print(markdown_table(report))

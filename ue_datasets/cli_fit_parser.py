@@ -8,7 +8,7 @@ from .cli_types import fraction, positive
 
 
 def add_fit_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
-    """Add ``fit`` and its methods (cuda, clusters, em, salm, t2ue) to the command parsers ``sub``."""
+    """Add ``fit`` and its methods (cuda, clusters, em, salm, t2ue, uge) to the command parsers ``sub``."""
     fit = sub.add_parser("fit", help="compute a protection and save it as an artifact directory",
                          description="Compute a protection and save it as an artifact directory.")
     methods = fit.add_subparsers(dest="method", required=True, metavar="METHOD")
@@ -103,6 +103,7 @@ def add_fit_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpForm
     _add_em(methods, fmt)
     _add_salm(methods, fmt)
     _add_t2ue(methods, fmt)
+    _add_uge(methods, fmt)
 
 
 def _add_output(p: argparse.ArgumentParser, cache: str | None = None) -> None:
@@ -243,3 +244,74 @@ def _add_t2ue(methods: argparse._SubParsersAction, fmt: type[argparse.HelpFormat
     t2ue.add_argument("--seed", type=int, default=0, help="seed of the generator, its training latents and z0")
     t2ue.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     _add_output(t2ue, cache="checkpoints, one per epoch")
+
+
+def _add_uge(methods: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
+    uge = methods.add_parser(
+        "uge",
+        formatter_class=fmt,
+        help="Ungeneralizable Examples: unlearnable to everyone but an authorized network (Ye & Wang, CVPR 2024; "
+             "a reconstruction)",
+        description=(
+            "UGE (Ungeneralizable Examples, Ye & Wang, CVPR 2024): class-wise L-inf bounded noise that keeps the "
+            "data learnable for one authorized network and unlearnable for every other. No code is public: this is a "
+            "reconstruction from the paper's description (the loss forms and the defaults are ours). Three losses "
+            "are minimised together, round after round: gradient matching (--lambda-gm): the authorized network's "
+            "gradients on the protected images match those on the clean images along its own training trajectory "
+            "from its secret initialisation, so that it learns from the protected data as from the clean data; "
+            "feature distance (--lambda-fd): the protected images are pushed apart from the clean ones in a fixed "
+            "encoder's feature space (--encoder), or pulled towards the next class's (--feature-target next-class); "
+            "undistillation (--lambda-ud): a student distilled from the "
+            "authorized network (temperature --tau) must not mimic it on the protected images, so that its knowledge "
+            "does not transfer. Each round: --train-steps SGD steps of the authorized network on protected batches, "
+            "as many distillation steps of the student, then --pgd-steps signed-gradient steps on the noise. The "
+            "secret shared with authorized users is the authorized architecture and its initialisation seed "
+            "(--authorized, --authorized-seed), kept in the artifact: they get the untrained authorized network, to "
+            "train on the protected data, from `ue_datasets.authorized_model(DIR)`, and `ue-datasets audit "
+            "--authorized DIR` measures both sides. Needs labels at protect time (one delta per class). ENCODER: as "
+            "for `fit clusters` (pixels[:SIZE], packaged:..., open_clip:..., torchvision:NAME:/path/weights.pth, "
+            "local-dir:/path). A rerun with the same --cache reuses the decoded samples and resumes from the last "
+            "round. Measured in the README: on Fashion-MNIST it did not make the data unlearnable for other networks."
+        ),
+    )
+    uge.add_argument("--input", required=True, metavar="SRC",
+                     help="labelled images to fit on: shards, a dataset directory or parquet files")
+    uge.add_argument("--label-field", default=None,
+                     help="field/column with the class id (default: 'cls' for shards, 'label' for datasets and "
+                          "parquet)")
+    uge.add_argument("--image-field", default=None, help="field/column with the image (default: auto / 'image')")
+    uge.add_argument("--key-field", default=None,
+                     help="column of stable sample keys for datasets and parquet (default: row index), as for protect")
+    uge.add_argument("--num-classes", type=positive, default=None,
+                     help="number of classes (default: largest label + 1)")
+    uge.add_argument("--authorized", default="small-cnn", metavar="ARCH",
+                     help="architecture of the authorized network: small-cnn, resnet18 or a torchvision classifier "
+                          "name, as `audit --model` takes (part of the secret)")
+    uge.add_argument("--authorized-seed", type=int, required=True, metavar="S",
+                     help="the secret seed of the authorized network's initialisation; authorized users rebuild "
+                          "the network from it (kept in the artifact)")
+    uge.add_argument("--encoder", default="pixels", metavar="SPEC",
+                     help="the fixed encoder of the feature-distance loss (see above; pixels: the raw pixels)")
+    uge.add_argument("--feature-target", choices=("clean", "next-class"), default="clean",
+                     help="the feature-distance loss: push protected features away from the image's clean ones, "
+                          "or pull them towards the next class's clean feature center (a misalignment)")
+    uge.add_argument("--eps", default="8/255", help="L-inf bound of the noise, a fraction such as 8/255 or a number")
+    uge.add_argument("--resolution", type=positive, default=None,
+                     help="side of the stored deltas and of the images during the fit (default: the images' size when "
+                          "they are all square and share it); resized to each image nearest")
+    uge.add_argument("--lambda-gm", type=float, default=1.0, help="weight of the gradient-matching loss")
+    uge.add_argument("--lambda-fd", type=float, default=1.0, help="weight of the feature-distance loss")
+    uge.add_argument("--lambda-ud", type=float, default=0.1, help="weight of the undistillation loss")
+    uge.add_argument("--tau", type=float, default=4.0, help="distillation temperature of the undistillation loss")
+    uge.add_argument("--rounds", type=positive, default=10,
+                     help="rounds of (authorized network training, noise update)")
+    uge.add_argument("--train-steps", type=positive, default=10,
+                     help="SGD steps of the authorized network (and of the student) per round")
+    uge.add_argument("--pgd-steps", type=positive, default=5, help="signed noise steps per round, each on a batch")
+    uge.add_argument("--step-size", default=None, help="noise step, a fraction such as 1.6/255 (default: eps / 5)")
+    uge.add_argument("--batch-size", type=positive, default=256, help="images per batch (drawn with replacement)")
+    uge.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of the authorized network and student")
+    uge.add_argument("--limit", type=positive, default=None, help="fit on the first N samples only")
+    uge.add_argument("--seed", type=int, default=0, help="seed of the student, the batch order and the noise start")
+    uge.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    _add_output(uge, cache="decoded samples and a checkpoint per round (secret: it holds the authorized network)")

@@ -221,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--no-oracle", action="store_true",
                        help="with --protection: report the cluster purity but do not train the oracle set (the same "
                             "perturbations given by the attacker's labels instead of the protector's clusters)")
+    audit.add_argument("--authorized", metavar="DIR", default=None,
+                       help="a UGE artifact directory (`fit uge`): also train its authorized network, rebuilt with "
+                            "its secret initialisation, on the protected set (and on the clean set with a baseline), "
+                            "under every defense: the training sets 'authorized' and 'authorized-clean'; not with "
+                            "--relabel")
     audit.add_argument("--image-size", type=positive, default=None, help="resize images to SIZE x SIZE on loading")
     audit.add_argument("--limit", type=positive, default=None, help="use at most N training samples per set")
     audit.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")

@@ -6,7 +6,7 @@ what differs is how a sample finds its ``delta``. A method is its fit, its looku
 ===========  ======================  =========================================================
 lookup       condition               the delta of a sample
 ===========  ======================  =========================================================
-class        its label (needed)      ``deltas[label]`` (EM class-wise)
+class        its label (needed)      ``deltas[label]`` (EM class-wise, UGE)
 cluster      its key (used if given) its fitted cluster's, else the nearest center's (Unlearnable Clusters)
 key          its key (needed)        its own, from the protection's noise bank (EM sample-wise, SALM)
 text         its text (needed)       ``G(e(text), z0)`` from the artifact's generator (T2UE class-wise)
@@ -39,7 +39,7 @@ from ..kernels.noise import add_delta
 
 #: Methods whose samples find their rows by a lookup (the additive-noise path, or filters for a
 #: ``kernel: filter`` protection), and the lookup of artifacts that name none.
-NOISE_METHODS: dict[str, str] = {"clusters": "cluster", "em": "class", "salm": "key", "t2ue": "text"}
+NOISE_METHODS: dict[str, str] = {"clusters": "cluster", "em": "class", "salm": "key", "t2ue": "text", "uge": "class"}
 #: What a lookup's rows are fed to (``params["kernel"]``): added as noise, or convolved as filters.
 KERNELS = ("noise", "filter")
 #: The lookups whose rows can be filters (they index a table; a bank holds noise levels only).

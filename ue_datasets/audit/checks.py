@@ -13,7 +13,11 @@ the protected set then says little. `audit_warnings` checks every clean-trained 
 - **no baseline**: no clean set, or ``--no-baseline``;
 - **impure clusters**: a cluster-wise protection (``--protection``) whose clusters have a purity below
   `PURITY` w.r.t. the attacker's labels (`ue_datasets.audit.purity`): its noise then protects little,
-  whatever the protected rows say at this budget; the oracle row says what perfect clusters would give.
+  whatever the protected rows say at this budget; the oracle row says what perfect clusters would give;
+- **authorized network hindered**: with a UGE protection's authorized network (``--authorized``), its
+  peak on the protected set falls more than `AUTHORIZED_GAP` below its peak on the clean set
+  (``authorized`` vs ``authorized-clean``, under ``none`` or the first defense): the protection then
+  takes from the authorized user too what it should keep for them.
 
 Each warning is one line that says what to change.
 """
@@ -30,6 +34,8 @@ CHANCE_FRACTION = 0.25
 RISING = 0.02
 #: Fewer clean training images per class than this (on average) is "too few".
 MIN_PER_CLASS = 100
+#: An authorized-trained peak more than this (accuracy fraction) below the authorized-clean one is "hindered".
+AUTHORIZED_GAP = 0.1
 
 
 def more_epochs(epochs: int) -> int:
@@ -112,11 +118,35 @@ def _cluster_rows(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def _first_defense(report: dict[str, Any]) -> str | None:
+    """``none`` when the audit ran it, else its first defense (None without any)."""
+    names = [d["name"] for d in report["defenses"]]
+    return "none" if "none" in names else (names[0] if names else None)
+
+
+def _authorized_rows(report: dict[str, Any]) -> list[str]:
+    """The authorized-network-hindered warning, under ``none`` (or the first defense) when both authorized
+    sets were trained."""
+    peaks = {(r["defense"], r["training_set"]): r["peak"] for r in report["results"]}
+    defense = _first_defense(report)
+    if (defense, "authorized") not in peaks or (defense, "authorized-clean") not in peaks:
+        return []
+    on_protected, on_clean = peaks[(defense, "authorized")], peaks[(defense, "authorized-clean")]
+    if on_protected >= on_clean - AUTHORIZED_GAP:
+        return []
+    return [
+        f"the authorized network learns the protected set much worse than the clean one ({_pct(on_protected)} vs "
+        f"{_pct(on_clean)}, peak under {defense}): the protection hinders the authorized user too; fit the UGE "
+        "noise longer (--rounds) or with more weight on gradient matching (--lambda-gm), or check that the audit "
+        "trains as the fit did (--lr, --batch-size, --epochs)"
+    ]
+
+
 def audit_warnings(report: dict[str, Any]) -> list[str]:
     """Warnings about the audit in ``report`` (as `run_audit` builds it: ``results``, ``config``,
     ``labels``, ``sizes``, ``clusters``), each one line ending in what to change; empty when the baseline
-    is sound and the clusters (if any) are pure."""
-    return _baseline_warnings(report) + _cluster_rows(report)
+    is sound, the clusters (if any) are pure and the authorized network (if any) learns the protected set."""
+    return _baseline_warnings(report) + _cluster_rows(report) + _authorized_rows(report)
 
 
 def _baseline_warnings(report: dict[str, Any]) -> list[str]:

@@ -32,22 +32,30 @@ def _num(v: Any, digits: int = 2) -> str:
     return str(v) if isinstance(v, str) else ("inf" if v == math.inf else f"{v:.{digits}f}")
 
 
+#: Training sets with columns of their own in `markdown_table` when trained, after clean and protected:
+#: the oracle set (the cluster-wise protection's bound, `ue_datasets.audit.purity`) and a UGE protection's
+#: authorized network on the protected and the clean set (`ue_datasets.audit.run.AUTHORIZED_SETS`).
+OPTIONAL_SETS = ("oracle", "authorized", "authorized-clean")
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """The results table: peak and final clean test accuracy per defense, clean- vs protected-trained,
-    and oracle-trained (the cluster-wise protection's bound, `ue_datasets.audit.purity`) when trained."""
+    then oracle-trained and authorized-trained (`OPTIONAL_SETS`) when trained."""
     rows = {}
     for r in report["results"]:
         rows.setdefault(r["defense"], {})[r["training_set"]] = r
-    oracle = any(r["training_set"] == "oracle" for r in report["results"])
+    trained = {r["training_set"] for r in report["results"]}
+    extra = [name for name in OPTIONAL_SETS if name in trained]
     head = "| defense | clean-trained peak | clean-trained final | protected-trained peak | protected-trained final |"
-    lines = [head + (" oracle-trained peak | oracle-trained final |" if oracle else ""),
-             "|---|---|---|---|---|" + ("---|---|" if oracle else "")]
+    lines = [head + "".join(f" {name}-trained peak | {name}-trained final |" for name in extra),
+             "|---|---|---|---|---|" + "---|---|" * len(extra)]
     for defense, by_set in rows.items():
-        c, p, o = by_set.get("clean"), by_set.get("protected"), by_set.get("oracle")
+        c, p = by_set.get("clean"), by_set.get("protected")
+        cells = "".join(f" {_pct(o and o['peak'])} | {_pct(o and o['final'])} |"
+                        for o in (by_set.get(name) for name in extra))
         lines.append(
             f"| {defense} | {_pct(c and c['peak'])} | {_pct(c and c['final'])} | "
-            f"**{_pct(p and p['peak'])}** | {_pct(p and p['final'])} |"
-            + (f" {_pct(o and o['peak'])} | {_pct(o and o['final'])} |" if oracle else "")
+            f"**{_pct(p and p['peak'])}** | {_pct(p and p['final'])} |" + cells
         )
     return "\n".join(lines)
 
@@ -68,6 +76,24 @@ def clusters_paragraph(clusters: dict[str, Any] | None) -> list[str]:
         f"(share of samples whose cluster's majority label is theirs): **{purity['true labels']:.2f}** w.r.t. the "
         f"true labels, **{purity['attacker labels']:.2f}** w.r.t. the attacker's labels. Below about {PURITY} purity, "
         f"additive cluster noise does little. {oracle}",
+        "",
+    ]
+
+
+def authorized_paragraph(authorized: dict[str, Any] | None) -> list[str]:
+    """The "Authorized network" section of ``report.md`` (how to read the authorized columns); none
+    without one."""
+    if not authorized:
+        return []
+    return [
+        "## Authorized network",
+        "",
+        f"The protection is ungeneralizable (UGE, id {authorized['id']}): it should stay learnable for its authorized "
+        f"network, `{authorized['arch']}` ({authorized['num_classes']} classes) rebuilt with its secret "
+        "initialisation from the artifact, and be unlearnable for every other model. The authorized columns train "
+        "that network (a fresh copy per run) on the protected set and, as its reference, on the clean set "
+        "(authorized-clean): authorized near authorized-clean means the authorized user loses little; protected "
+        "far below both means others do.",
         "",
     ]
 
@@ -109,6 +135,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
         f"- clean: `{report['inputs']['clean']}` ({report['sizes']['clean']} images)",
         *([f"- oracle: the clean set with the protection's perturbations by the attacker's labels "
            f"({report['sizes']['oracle']} images; see Clusters)"] if "oracle" in report["sizes"] else []),
+        *([f"- authorized: the UGE protection's authorized network `{report['authorized']['arch']}` with its secret "
+           "initialisation, trained on the protected set (and the clean set: authorized-clean); see Authorized network"]
+          if report.get("authorized") else []),
         f"- test: `{report['inputs']['test']}` ({report['sizes']['test']} images, clean)",
         f"- model: `{cfg['model']}`, {cfg['epochs']} epochs, batch {cfg['batch_size']}, lr {cfg['lr']}, "
         f"seed {cfg['seed']}, device {cfg['device']}",
@@ -121,6 +150,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
         markdown_table(report),
         "",
         *clusters_paragraph(report.get("clusters")),
+        *authorized_paragraph(report.get("authorized")),
         "## Imperceptibility (clean vs protected, same keys)",
         "",
         imperceptibility_table(report["imperceptibility"]) if report["imperceptibility"] else "n/a: no --clean set given",
@@ -147,16 +177,21 @@ def write_json(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-#: One marker per defense, cycled; clean-trained curves draw them hollow.
+#: One marker per defense, cycled; curves on clean images (clean, oracle, authorized-clean) draw them hollow.
 _MARKERS = "osD^vPX*<>"
 #: Total sideways spread (in epochs) of the defenses' points in `accuracy_figure`.
 _DODGE = 0.3
+#: Line style and filled markers of each training set's curves in `accuracy_figure` (others: solid, filled).
+_STYLES = {"clean": ("--", False), "oracle": (":", False), "authorized": ("-.", True),
+           "authorized-clean": ((0, (6, 2, 1, 2, 1, 2)), False)}
 
 
 def accuracy_figure(report: dict[str, Any]) -> Figure:
     """Clean test accuracy per epoch (a matplotlib ``Figure``): one colour and marker per defense,
     protected-trained solid with filled markers, clean-trained dashed with hollow ones, oracle-trained
-    (`ue_datasets.audit.purity`) dotted with hollow ones. So that equal
+    (`ue_datasets.audit.purity`) dotted with hollow ones, and a UGE protection's authorized network
+    dash-dotted, filled on the protected set (authorized), hollow on the clean set (authorized-clean)
+    (`_STYLES`). So that equal
     curves (``blur:0.1`` often matches ``none``) cannot hide each other, each defense's points are
     shifted sideways by up to `_DODGE` / 2 epoch and curves are drawn thickest first. Epochs are integer
     ticks; the legend sits outside the axes."""
@@ -173,13 +208,13 @@ def accuracy_figure(report: dict[str, Any]) -> Figure:
     for i, r in enumerate(report["results"]):
         k = defenses.index(r["defense"])
         colour = colours(k % colours.N)
-        style = {"clean": "--", "oracle": ":"}.get(r["training_set"], "-")
+        style, filled = _STYLES.get(r["training_set"], ("-", True))
         shrink = i / max(1, n - 1)  # 0 for the first curve drawn, 1 for the last
         shift = _DODGE * (k / (len(defenses) - 1) - 0.5) if len(defenses) > 1 else 0.0
         epochs = [e + shift for e in range(1, len(r["test_accuracy"]) + 1)]
-        ax.plot(epochs, [100 * a for a in r["test_accuracy"]], style, color=colour,
+        ax.plot(epochs, [100 * a for a in r["test_accuracy"]], linestyle=style, color=colour,
                 linewidth=3.0 - 1.8 * shrink, marker=_MARKERS[k % len(_MARKERS)], markersize=10 - 5 * shrink,
-                markerfacecolor="white" if style != "-" else colour, markeredgewidth=1.2,
+                markerfacecolor=colour if filled else "white", markeredgewidth=1.2,
                 label=f"{r['defense']} / {r['training_set']}")
     last = max((len(r["test_accuracy"]) for r in report["results"]), default=1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -188,9 +223,13 @@ def accuracy_figure(report: dict[str, Any]) -> Figure:
     ax.set_ylabel("clean test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    oracle = any(r["training_set"] == "oracle" for r in report["results"])
+    trained = {r["training_set"] for r in report["results"]}
+    extra = [text for name, text in (("oracle", "oracle (dotted, hollow)"),
+                                     ("authorized",
+                                      "authorized (dash-dot, filled, on protected; dash-dot-dot, hollow, on clean)"))
+             if name in trained]
     ax.set_title("trained on protected (solid, filled) vs clean (dashed, hollow)"
-                 + (" and oracle (dotted, hollow)" if oracle else "") + " data")
+                 + "".join(f" and {text}" for text in extra) + " data")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig

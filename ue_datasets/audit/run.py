@@ -27,7 +27,11 @@ from .metrics import difference_grid, imperceptibility
 from .purity import cluster_purity, clusters_of, is_cluster_wise, oracle_protection
 from .relabel import parse_relabel
 from .report import plot_accuracy, write_json, write_markdown
-from .train import TrainConfig, linear_probe_ssl, train_classifier
+from .train import TrainConfig, linear_probe_ssl, train_classifier, train_model
+
+#: The training sets the authorized network of a UGE protection (``--authorized``) trains on: the protected
+#: set, and the clean set when a baseline is trained.
+AUTHORIZED_SETS = ("authorized", "authorized-clean")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,13 @@ class AuditConfig:
             with the same perturbations by the attacker's labels modulo K
             (`ue_datasets.audit.purity.oracle_protection`), the most this perturbation could do with
             perfect clusters.
+        authorized: a UGE artifact directory (`ue_datasets.fit.uge.fit_uge`, the protector's secret): the
+            audit then also trains the authorized network, rebuilt with its secret initialisation by
+            `ue_datasets.fit.uge.authorized_model` (a fresh one per run; its architecture, not ``model``), on
+            the protected set, and on the clean set when a baseline is trained, under every defense,
+            reported as training sets ``authorized`` and ``authorized-clean``. The artifact must be the one
+            the protected set names (when its stats say), and its network must take the data's channels and
+            size; refused with ``relabel`` (the network has the artifact's classes).
     """
 
     model: str = "small-cnn"
@@ -73,6 +84,7 @@ class AuditConfig:
     key_field: str | None = None
     protection: str | None = None
     oracle: bool = True
+    authorized: str | None = None
 
 
 @dataclass
@@ -126,14 +138,19 @@ def run_audit(
 
     With ``config.protection`` naming a cluster-wise protection, also reports ``clusters`` (`_clusters`)
     and, with ``config.oracle``, trains an ``oracle`` set beside ``clean`` and ``protected``.
+    With ``config.authorized`` (a UGE artifact), also trains its authorized network on the protected set
+    (``authorized``) and, with a baseline, on the clean one (``authorized-clean``), and reports
+    ``authorized`` (`_authorized_section`).
 
     Returns:
         The report (as in ``report.json``): ``warnings`` (lines), ``cost`` (estimate and measured
-        seconds per setting), ``clusters`` (``None`` without a cluster-wise ``config.protection``) and
-        ``files`` (file name -> path written) among the rest.
+        seconds per setting), ``clusters`` (``None`` without a cluster-wise ``config.protection``),
+        ``authorized`` (``None`` without ``config.authorized``) and ``files`` (file name -> path written)
+        among the rest.
 
     Raises:
-        UEDatasetsError: among others, a cluster-wise ``config.protection`` without a ``clean`` set.
+        UEDatasetsError: among others, a cluster-wise ``config.protection`` without a ``clean`` set, or a
+            ``config.authorized`` that is not the protected set's protection or does not fit its images.
     """
     start = time.perf_counter()
     out = Path(output)
@@ -144,7 +161,12 @@ def run_audit(
     protection = load_protection(config.protection) if config.protection else None
     if protection is not None:
         _check_protection(protection, named, protected, clean, config)
+    authorized = load_protection(config.authorized) if config.authorized else None
+    if authorized is not None:
+        _check_authorized(authorized, named, protection, protected, config)
     sets = _load(protected, clean, test, config)
+    if authorized is not None:
+        _check_authorized_data(authorized, sets, config)
     num_classes = int(max(int(s.labels.max()) for s in (sets.protected, sets.clean, sets.test) if s is not None)) + 1
     mapping = parse_relabel(config.relabel, num_classes)
     relabelled = (lambda y: y) if mapping is None else (lambda y: mapping[y])
@@ -174,6 +196,7 @@ def run_audit(
     else:
         report["imperceptibility"] = None
     report["clusters"], oracle = None, None
+    report["authorized"] = None
     if protection is not None and is_cluster_wise(protection) and sets.clean is not None:
         report["clusters"], oracle = _clusters(protection, sets.clean, relabelled, config.oracle, device)
         if oracle is not None:
@@ -183,10 +206,15 @@ def run_audit(
     training_sets.append(("protected", sets.protected))
     if oracle is not None:
         training_sets.append(("oracle", oracle))
+    if authorized is not None:
+        report["authorized"] = _authorized_section(authorized, config.authorized)
+        training_sets.append(("authorized", sets.protected))
+        if config.baseline and sets.clean is not None:
+            training_sets.append(("authorized-clean", sets.clean))
     plan: list[tuple[Defense | None, str, LabelledImages]] = [
         (d, name, data) for d in defenses for name, data in training_sets]
-    if config.probe:
-        plan += [(None, name, data) for name, data in training_sets]
+    if config.probe:  # a SimCLR small-cnn whatever the set: the authorized sets would repeat their data's
+        plan += [(None, name, data) for name, data in training_sets if name not in AUTHORIZED_SETS]
     costs = _costs(plan, config.epochs, len(sets.test))
     stream = stream or sys.stderr
     if protection is not None and report["clusters"] is None:
@@ -200,6 +228,11 @@ def run_audit(
         if d is None:
             result = linear_probe_ssl(data.images, relabelled(data.labels), sets.test.images, test_y, n_out, cfg,
                                       progress=f"ssl-probe / {name}" if progress else None)
+        elif name in AUTHORIZED_SETS:  # the caller's (secret) initialisation, a fresh network per run
+            x = data.images if d.apply is None else d.apply(data.images, config.seed)
+            result = train_model(_authorized_model(authorized), x, relabelled(data.labels), sets.test.images, test_y,
+                                 int(authorized.params["authorized"]["num_classes"]), cfg,
+                                 progress=f"{d.name} / {name}" if progress else None)
         else:
             x = data.images if d.apply is None else d.apply(data.images, config.seed)
             result = train_classifier(config.model, x, relabelled(data.labels), sets.test.images, test_y, n_out, cfg,
@@ -241,6 +274,60 @@ def _check_protection(protection: Protection, named: dict[str, Any] | None, prot
                               "the size they were protected at; drop --image-size")
 
 
+def _authorized_model(authorized: Protection) -> torch.nn.Module:
+    """The untrained authorized network of a UGE protection, with its secret initialisation."""
+    from ..fit.uge import authorized_model
+
+    return authorized_model(authorized)
+
+
+def _check_authorized(authorized: Protection, named: dict[str, Any] | None, protection: Protection | None,
+                      protected: str, config: AuditConfig) -> None:
+    """Refuse an ``--authorized`` artifact before loading the data: not a UGE protection (no authorized
+    network), another protection than the one the protected set names (or than ``--protection``), or
+    ``--relabel`` (the authorized network has the artifact's classes, not the attacker's)."""
+    spec = authorized.params.get("authorized")
+    if not isinstance(spec, dict) or not {"arch", "num_classes", "in_channels", "image_size"} <= set(spec):
+        raise UEDatasetsError(f"--authorized {config.authorized}: a {authorized.method!r} protection has no "
+                              "authorized network; pass a UGE artifact (`ue-datasets fit uge`)")
+    if named is not None and named.get("id") not in (None, authorized.id):
+        raise UEDatasetsError(f"--authorized {config.authorized}: its id {authorized.id} is not the id "
+                              f"{named.get('id')} the protected set {protected} was made with")
+    if protection is not None and protection.id != authorized.id:
+        raise UEDatasetsError(f"--authorized {config.authorized} (id {authorized.id}) and --protection "
+                              f"{config.protection} (id {protection.id}) are different protections")
+    if config.relabel is not None:
+        raise UEDatasetsError("--authorized with --relabel: the authorized network classifies the artifact's "
+                              f"{spec['num_classes']} classes, not the attacker's; drop one of them")
+
+
+def _check_authorized_data(authorized: Protection, sets: _Sets, config: AuditConfig) -> None:
+    """Refuse data the authorized network cannot take: other channels, another image size, labels
+    beyond its classes."""
+    spec = authorized.params["authorized"]
+    c, h, w = sets.test.images.shape[1:]
+    resize = " (after --image-size)" if config.image_size is not None else ""
+    if c != int(spec["in_channels"]):
+        raise UEDatasetsError(f"--authorized {config.authorized}: its network takes {spec['in_channels']}-channel "
+                              f"images, the data has {c} channels")
+    size = int(spec["image_size"])
+    if max(h, w) != size:
+        hint = f"; pass --image-size {size}" if config.image_size is None else f"; pass --image-size {size} instead"
+        raise UEDatasetsError(f"--authorized {config.authorized}: its network was built for {size} px images, the "
+                              f"data{resize} is {h}x{w}{hint}")
+    top = max(int(s.labels.max()) for s in (sets.protected, sets.clean, sets.test) if s is not None)
+    if top >= int(spec["num_classes"]):
+        raise UEDatasetsError(f"--authorized {config.authorized}: its network has {spec['num_classes']} classes, "
+                              f"the data has labels up to {top}")
+
+
+def _authorized_section(authorized: Protection, path: str | None) -> dict[str, Any]:
+    """``report["authorized"]``: which artifact's network was trained; never its secret seed."""
+    spec = authorized.params["authorized"]
+    return {"artifact": path, "id": authorized.id, "arch": spec["arch"], "num_classes": int(spec["num_classes"]),
+            "in_channels": int(spec["in_channels"]), "image_size": int(spec["image_size"])}
+
+
 def _clusters(protection: Protection, clean: LabelledImages, relabelled: Any, oracle: bool,
               device: str, batch_size: int = 256) -> tuple[dict[str, Any], LabelledImages | None]:
     """``report["clusters"]`` and the oracle training set (or ``None`` without ``oracle``).
@@ -279,8 +366,10 @@ def _training(d: Defense) -> dict[str, Any]:
 
 
 def _costs(plan: list[tuple[Defense | None, str, LabelledImages]], epochs: int, n_test: int) -> list[SettingCost]:
-    """One cost per run of ``plan`` (clean, protected and oracle sets alike, by their sizes); the oracle
-    set's making (one protect pass over the clean set) happens before the estimate and is not counted."""
+    """One cost per run of ``plan`` (clean, protected, oracle and authorized sets alike, by their sizes); the
+    oracle set's making (one protect pass over the clean set) happens before the estimate and is not counted.
+    The authorized runs are counted in plain epochs of the target model, also where the authorized network's
+    architecture is another."""
     return [probe_cost(name, epochs, len(data), n_test) if d is None
             else classifier_cost(d, name, epochs, len(data), n_test) for d, name, data in plan]
 

@@ -20,26 +20,26 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..artifact import Protection
 
-__all__ = ["METHODS", "fit", "fit_clusters", "fit_convolution", "fit_em", "fit_salm", "fit_t2ue"]
+__all__ = ["METHODS", "fit", "fit_clusters", "fit_convolution", "fit_em", "fit_salm", "fit_t2ue", "fit_uge"]
 
 #: Method names as the command line spells them (``ue-datasets fit NAME``), and their fit functions.
 METHODS = {"cuda": "fit_convolution", "convolution": "fit_convolution", "clusters": "fit_clusters",
-           "em": "fit_em", "salm": "fit_salm", "t2ue": "fit_t2ue"}
+           "em": "fit_em", "salm": "fit_salm", "t2ue": "fit_t2ue", "uge": "fit_uge"}
 #: The module of each fit function, imported at its first use (they import torch).
 _MODULES = {"fit_convolution": "convolution", "fit_clusters": "clusters", "fit_em": "em", "fit_salm": "salm",
-            "fit_t2ue": "t2ue"}
+            "fit_t2ue": "t2ue", "fit_uge": "uge"}
 
 
 def fit(method: str, *args: Any, output: str | os.PathLike | None = None, overwrite: bool = False,
         **options: Any) -> Protection:
-    """Fit ``method`` (``"cuda"``, ``"clusters"``, ``"em"``, ``"salm"``, ``"t2ue"``) with the options of its fit
-    function; save it to ``output``.
+    """Fit ``method`` (``"cuda"``, ``"clusters"``, ``"em"``, ``"salm"``, ``"t2ue"``, ``"uge"``) with the options of
+    its fit function; save it to ``output``.
 
     Args:
         method: a name of `METHODS`.
         *args, **options: the arguments of `fit_convolution` (``num_classes``, ``key``...),
             `fit_clusters` (``src``, ``encoder``...), `fit_em` or `fit_salm` (``src``, ``mode``...),
-            `fit_t2ue` (``src``, ``clip``...).
+            `fit_t2ue` (``src``, ``clip``...), `fit_uge` (``src``, ``authorized_seed``...).
         output: an artifact directory to write (optional); an existing non-empty one is refused
             unless ``overwrite`` and it holds an artifact.
 
