@@ -166,3 +166,12 @@ def test_hf_tokenizer_not_cached_refused(tiny_model, tmp_path):
     spec = EncoderSpec.from_json({**parse_encoder(f"open_clip:{TINY}:{p}").to_json(), "model_config": cfg})
     with pytest.raises(EncoderError, match="tokenizer"):
         load_text_encoder(spec)
+
+
+def test_encode_cached_keeps_at_most_cache_size_texts(tiny_ckpt):
+    enc = load_text_encoder(f"open_clip:{TINY}:{tiny_ckpt}")
+    enc.cache_size = 2
+    texts = ["one", "two", "three", "two"]
+    got = enc.encode_cached(texts)
+    torch.testing.assert_close(got, enc.encode(texts))
+    assert len(enc._cache) == 2

@@ -24,6 +24,9 @@ from .encoder import _freeze, _module_device, _state_dict_digest
 from .registry import parse_encoder, parse_spec_name
 from .spec import EncoderError, EncoderSpec
 
+#: Distinct texts whose features `TextEncoder.encode_cached` keeps (a caption set as large as MSCOCO's would
+#: otherwise hold all of them: 600,000 x 512 floats, 1.2 GB).
+CACHE_SIZE = 65536
 #: Spec-string prefixes that name open_clip models (the only text encoders).
 _TEXT_PREFIXES = ("open_clip", "local-dir")
 
@@ -94,12 +97,14 @@ class TextEncoder(nn.Module):
         dim: the text feature dimension (``embed_dim``) when known.
     """
 
-    def __init__(self, spec: EncoderSpec, model: nn.Module, tokenizer: Any, dim: int | None = None):
+    def __init__(self, spec: EncoderSpec, model: nn.Module, tokenizer: Any, dim: int | None = None,
+                 cache_size: int = CACHE_SIZE):
         super().__init__()
         self.spec = spec
         self.model = _freeze(model)
         self.tokenizer = tokenizer
         self._dim = dim
+        self.cache_size = cache_size
         self._cache: dict[str, torch.Tensor] = {}
         super().train(False)
 
@@ -162,14 +167,20 @@ class TextEncoder(nn.Module):
 
     def encode_cached(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = False) -> torch.Tensor:
         """Like `encode`, but each distinct text is encoded once: within the call, and across calls on
-        this encoder (its weights are frozen); `clear_cache` forgets the stored features."""
+        this encoder (its weights are frozen) for the last ``cache_size`` distinct texts (`CACHE_SIZE`,
+        about 130 MB of 512-d features); `clear_cache` forgets the stored features."""
         texts = _check_texts(texts, "encode_cached")
-        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+        new = [t for t in dict.fromkeys(texts) if t not in found]
         if new:
-            self._cache.update(zip(new, self.encode(new, batch_size=batch_size)))
+            fresh = dict(zip(new, self.encode(new, batch_size=batch_size)))
+            found.update(fresh)
+            self._cache.update(fresh)
+            while len(self._cache) > self.cache_size:  # the oldest first: a caption set larger than the cache
+                del self._cache[next(iter(self._cache))]
         if not texts:
             return torch.zeros(0, self.dim, dtype=torch.float32)
-        z = torch.stack([self._cache[t] for t in texts])
+        z = torch.stack([found[t] for t in texts])
         return nn.functional.normalize(z, dim=-1) if normalize else z
 
     def clear_cache(self) -> None:
