@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import small_clip  # noqa: E402
 from fashion_mnist import DEFAULT_ROOT, balanced, load, write_shards  # noqa: E402
 
 from ue_datasets.apply.images import image_tensor  # noqa: E402
@@ -58,7 +59,6 @@ MODEL_CFG = {
     "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 32, "head_width": 32},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
 DEFENSES = ("none", "jpeg:10", "augment")
 SETS = ("t2ue-class", "t2ue-sample", "t2ue-caption", "em-class")
 
@@ -78,23 +78,13 @@ def pairs(folder: Path) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     return torch.stack(xs), texts, torch.tensor(ys)
 
 
-def _prep(x: torch.Tensor) -> torch.Tensor:
-    x = F.interpolate(x.float() / 255, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
-    return ((x - MEAN) / STD).expand(-1, 3, -1, -1)
-
-
 def train_clip(folder: Path, bundle: Path, epochs: int, seed: int) -> str:
     """A small CLIP trained from scratch on the pairs in ``folder``; saved as a ``local-dir:`` bundle."""
     import open_clip
-    from safetensors.torch import save_file
 
-    spec = f"local-dir:{bundle.resolve()}"
-    if (bundle / "open_clip_model.safetensors").exists():
-        return spec
-    cfg_dir = bundle.parent / "model-config"
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    (cfg_dir / f"{MODEL}.json").write_text(json.dumps(MODEL_CFG))
-    open_clip.add_model_config(str(cfg_dir))
+    if small_clip.is_saved(bundle):
+        return small_clip.spec_of(bundle)
+    small_clip.register(MODEL, MODEL_CFG, bundle)
     images, texts, _ = pairs(folder)
     tokens = open_clip.get_tokenizer(MODEL)(texts)
     torch.manual_seed(seed)
@@ -108,7 +98,7 @@ def train_clip(folder: Path, bundle: Path, epochs: int, seed: int) -> str:
         order, total = torch.randperm(len(images), generator=g), 0.0
         for i in range(0, len(images) - 255, 256):
             idx = order[i : i + 256]
-            fi = F.normalize(model.encode_image(_prep(images[idx])), dim=-1)
+            fi = F.normalize(model.encode_image(small_clip.prep(images[idx].float() / 255)), dim=-1)
             ft = F.normalize(model.encode_text(tokens[idx]), dim=-1)
             loss = multi_positive_infonce(fi, ft, [texts[j] for j in idx.tolist()], model.logit_scale.exp())
             opt.zero_grad(set_to_none=True)
@@ -119,13 +109,7 @@ def train_clip(folder: Path, bundle: Path, epochs: int, seed: int) -> str:
                 model.logit_scale.clamp_(0, 4.6052)
             total += loss.item()
         print(f"  CLIP (seed {seed}) epoch {epoch + 1}/{epochs}: loss {total / (len(images) // 256):.3f}", flush=True)
-    bundle.mkdir(parents=True, exist_ok=True)
-    preprocess = {"size": 32, "mean": [MEAN] * 3, "std": [STD] * 3, "interpolation": "bilinear",
-                  "resize_mode": "squash"}
-    (bundle / "open_clip_config.json").write_text(json.dumps({"model_cfg": MODEL_CFG, "preprocess_cfg": preprocess},
-                                                             indent=2))
-    save_file({k: v.contiguous() for k, v in model.eval().state_dict().items()}, bundle / "open_clip_model.safetensors")
-    return spec
+    return small_clip.save(model.eval(), MODEL_CFG, bundle)
 
 
 @torch.inference_mode()
@@ -142,11 +126,11 @@ def retrieval(spec: str, test: Path) -> dict[str, float]:
     label_of = {t: labels[texts.index(t)] for t in distinct}
     ft = F.normalize(text_encoder.encode(distinct), dim=-1)
     caption_labels = torch.stack([label_of[t] for t in distinct])
+    q = F.normalize(text_encoder.encode(texts), dim=-1)
     out = {}
     for k in (1, 5):
         top = (fi @ ft.T).topk(k, dim=1).indices  # images -> captions
         out[f"i2t_r{k}"] = 100 * float((caption_labels[top] == labels[:, None]).any(1).float().mean())
-        q = F.normalize(text_encoder.encode(texts), dim=-1)
         top = (q @ fi.T).topk(k, dim=1).indices  # captions -> images
         out[f"t2i_r{k}"] = 100 * float((labels[top] == labels[:, None]).any(1).float().mean())
     return out

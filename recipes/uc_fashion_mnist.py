@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import small_clip  # noqa: E402
 from fashion_mnist import DEFAULT_ROOT, balanced, load, write_shards  # noqa: E402
 
 from ue_datasets.apply.shards import ShardOptions  # noqa: E402
@@ -55,7 +55,6 @@ MODEL_CFG = {
     "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 32, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
-MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
 LABELLINGS = {"true": None, "merge:5": "merge:5", "merge:2": "merge:2"}
 SURROGATES = {"simclr": "self-trained SimCLR (tiny CLIP RN)", "effnet": "EfficientNet-Lite0 (ImageNet, packaged)",
               "pixels": "raw pixels"}
@@ -66,15 +65,10 @@ KEY = 20231  # the recipe's public demo key for blocks and filters; keep yours s
 def train_surrogate(images: torch.Tensor, bundle: Path, epochs: int, seed: int = 0) -> str:
     """SimCLR on uint8 ``(N, 1, 28, 28)`` images, no labels; saves a ``local-dir:`` bundle; returns its spec."""
     import open_clip
-    from safetensors.torch import save_file
 
-    spec = f"local-dir:{bundle.resolve()}"
-    if (bundle / "open_clip_model.safetensors").exists():
-        return spec
-    cfg_dir = bundle.parent / "model-config"
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    (cfg_dir / f"{MODEL}.json").write_text(json.dumps(MODEL_CFG))
-    open_clip.add_model_config(str(cfg_dir))
+    if small_clip.is_saved(bundle):
+        return small_clip.spec_of(bundle)
+    small_clip.register(MODEL, MODEL_CFG, bundle)
     torch.manual_seed(seed)
     model = open_clip.create_model(MODEL, pretrained=None)
     head = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
@@ -84,10 +78,6 @@ def train_surrogate(images: torch.Tensor, bundle: Path, epochs: int, seed: int =
     steps = epochs * (len(images) // 256)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
 
-    def prep(x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
-        return ((x - MEAN) / STD).expand(-1, 3, -1, -1)
-
     model.visual.train()
     for epoch in range(epochs):
         order = torch.randperm(len(images), generator=g)
@@ -95,19 +85,14 @@ def train_surrogate(images: torch.Tensor, bundle: Path, epochs: int, seed: int =
         for i in range(0, len(images) - 255, 256):
             x = images[order[i : i + 256]].float() / 255
             views = torch.cat([ssl_augment(x, g), ssl_augment(x, g)])
-            loss = nt_xent(head(model.visual(prep(views))), temperature=0.5)
+            loss = nt_xent(head(model.visual(small_clip.prep(views))), temperature=0.5)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item()
         print(f"  surrogate SimCLR epoch {epoch + 1}/{epochs}: loss {total / (len(images) // 256):.3f}", flush=True)
-    bundle.mkdir(parents=True, exist_ok=True)
-    preprocess = {"size": 32, "mean": [MEAN] * 3, "std": [STD] * 3, "interpolation": "bilinear", "resize_mode": "squash"}
-    (bundle / "open_clip_config.json").write_text(json.dumps({"model_cfg": MODEL_CFG, "preprocess_cfg": preprocess},
-                                                             indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, bundle / "open_clip_model.safetensors")
-    return spec
+    return small_clip.save(model, MODEL_CFG, bundle)
 
 
 def surrogate_spec(name: str, images: torch.Tensor, out: Path, args: argparse.Namespace):

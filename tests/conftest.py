@@ -232,6 +232,16 @@ def save_clip_bundle(model, cfg: dict, folder: Path) -> Path:
     return folder
 
 
+def template_task(seed: int, n: int, size: int = 8, classes: int = 4):
+    """``n`` grayscale ``size`` x ``size`` uint8 images, each a fixed class template plus noise, and their
+    labels (int64 numpy): a task a small CNN learns in an epoch."""
+    templates = np.random.default_rng(99).integers(0, 256, (classes, size, size)).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    images = [np.clip(0.6 * templates[y] + rng.normal(60, 30, (size, size)), 0, 255).astype(np.uint8) for y in labels]
+    return images, labels
+
+
 def gray_shard(folder: Path, images, labels, prefix: str = "k") -> str:
     """One shard ``folder/part-000.tar`` (folder created) of grayscale uint8 ``(H, W)`` arrays as PNGs with
     their ``cls``, keyed ``PREFIX0000``, ``PREFIX0001``..."""

@@ -5,10 +5,9 @@ from __future__ import annotations
 import io
 import json
 
-import numpy as np
 import pytest
 import torch
-from conftest import gray_shard
+from conftest import gray_shard, template_task
 from PIL import Image
 
 from ue_datasets import UEDatasetsError
@@ -24,15 +23,6 @@ from ue_datasets.cli import main
 SIZE, CLASSES, K = 8, 4, 4
 
 
-def _task(seed: int, n: int):
-    """Grayscale SIZE x SIZE images: a class template plus noise, and their labels."""
-    templates = np.random.default_rng(99).integers(0, 256, (CLASSES, SIZE, SIZE)).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, CLASSES, n)
-    images = [np.clip(0.6 * templates[y] + rng.normal(60, 30, (SIZE, SIZE)), 0, 255).astype(np.uint8) for y in labels]
-    return images, labels
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Clean, test and clusters-protected shards, the clusters artifact and a CUDA (convolution) one."""
@@ -41,8 +31,8 @@ def data(tmp_path_factory):
     from ue_datasets.fit.convolution import fit_convolution
 
     root = tmp_path_factory.mktemp("purity")
-    clean = gray_shard(root / "clean", *_task(0, 48), "k")
-    test = gray_shard(root / "test", *_task(1, 24), "t")
+    clean = gray_shard(root / "clean", *template_task(0, 48), "k")
+    test = gray_shard(root / "test", *template_task(1, 24), "t")
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
     protection = fit_clusters(clean, callable_encoder(net, size=SIZE), clusters=K, mode="fast", epochs=1,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from conftest import gray_shard
+from conftest import gray_shard, template_task
 from PIL import Image
 
 import ue_datasets
@@ -19,15 +18,6 @@ from ue_datasets.audit.checks import AUTHORIZED_GAP, audit_warnings
 from ue_datasets.cli import main
 
 SIZE, CLASSES, EPS = 8, 4, 8 / 255
-
-
-def _task(seed: int, n: int):
-    """Grayscale SIZE x SIZE images: a class template plus noise, and their labels."""
-    templates = np.random.default_rng(99).integers(0, 256, (CLASSES, SIZE, SIZE)).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, CLASSES, n)
-    images = [np.clip(0.6 * templates[y] + rng.normal(60, 30, (SIZE, SIZE)), 0, 255).astype(np.uint8) for y in labels]
-    return images, labels
 
 
 def fake_uge(seed: int, size: int = SIZE, channels: int = 1) -> Protection:
@@ -45,8 +35,8 @@ def data(tmp_path_factory):
     from ue_datasets.fit.convolution import fit_convolution
 
     root = tmp_path_factory.mktemp("uge-audit")
-    out = {"root": root, "clean": gray_shard(root / "clean", *_task(0, 32), "k"),
-           "test": gray_shard(root / "test", *_task(1, 16), "t")}
+    out = {"root": root, "clean": gray_shard(root / "clean", *template_task(0, 32), "k"),
+           "test": gray_shard(root / "test", *template_task(1, 16), "t")}
     for name, protection in (("uge7", fake_uge(7)), ("uge8", fake_uge(8)), ("cuda", fit_convolution(CLASSES, key=7))):
         protection.save(root / name)
         assert main(["protect", "--protection", str(root / name), "--input", out["clean"], "--output",
@@ -147,7 +137,8 @@ def test_relabelling_with_an_authorized_network_is_refused(data, tmp_path):
 
 
 def test_data_the_authorized_network_cannot_take_is_refused(tmp_path):
-    clean, test = gray_shard(tmp_path / "clean", *_task(0, 8), "k"), gray_shard(tmp_path / "test", *_task(1, 8), "t")
+    clean = gray_shard(tmp_path / "clean", *template_task(0, 8), "k")
+    test = gray_shard(tmp_path / "test", *template_task(1, 8), "t")
     for name, protection, message in (("big", fake_uge(7, size=16), "built for 16 px.*--image-size 16"),
                                       ("rgb", fake_uge(7, channels=3), "3-channel images, the data has 1")):
         protection.save(tmp_path / name)

@@ -119,16 +119,22 @@ def _add_output(p: argparse.ArgumentParser, cache: str | None = None) -> None:
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _add_em_options(p: argparse.ArgumentParser) -> None:
-    """The options EM and SALM share: data, surrogate, the min-min loop, checkpoints."""
-    p.add_argument("--input", required=True, nargs="+", metavar="SRC",
-                   help="labelled images to fit on: shards, a dataset directory or parquet files (several allowed)")
+def _add_labelled_input(p: argparse.ArgumentParser, several: bool) -> None:
+    """The labelled source of a fit (EM, SALM, UGE): ``--input`` (one, or ``several``), its fields, the classes."""
+    p.add_argument("--input", required=True, nargs="+" if several else None, metavar="SRC",
+                   help="labelled images to fit on: shards, a dataset directory or parquet files"
+                        + (" (several allowed)" if several else ""))
     p.add_argument("--label-field", default=None,
                    help="field/column with the class id (default: 'cls' for shards, 'label' for datasets and parquet)")
     p.add_argument("--image-field", default=None, help="field/column with the image (default: auto / 'image')")
     p.add_argument("--key-field", default=None,
                    help="column of stable sample keys for datasets and parquet (default: row index), as for protect")
     p.add_argument("--num-classes", type=positive, default=None, help="number of classes (default: largest label + 1)")
+
+
+def _add_em_options(p: argparse.ArgumentParser) -> None:
+    """The options EM and SALM share: data, surrogate, the min-min loop, checkpoints."""
+    _add_labelled_input(p, several=True)
     p.add_argument("--surrogate", default="auto", metavar="NAME",
                    help="the model trained jointly with the noise: small-cnn (fast on CPU), resnet18 (CIFAR-style, "
                         "the reference's), any torchvision classifier name; auto: resnet18 on CUDA, small-cnn on CPU")
@@ -274,16 +280,7 @@ def _add_uge(methods: argparse._SubParsersAction, fmt: type[argparse.HelpFormatt
             "round. Measured in the README: on Fashion-MNIST it did not make the data unlearnable for other networks."
         ),
     )
-    uge.add_argument("--input", required=True, metavar="SRC",
-                     help="labelled images to fit on: shards, a dataset directory or parquet files")
-    uge.add_argument("--label-field", default=None,
-                     help="field/column with the class id (default: 'cls' for shards, 'label' for datasets and "
-                          "parquet)")
-    uge.add_argument("--image-field", default=None, help="field/column with the image (default: auto / 'image')")
-    uge.add_argument("--key-field", default=None,
-                     help="column of stable sample keys for datasets and parquet (default: row index), as for protect")
-    uge.add_argument("--num-classes", type=positive, default=None,
-                     help="number of classes (default: largest label + 1)")
+    _add_labelled_input(uge, several=False)
     uge.add_argument("--authorized", default="small-cnn", metavar="ARCH",
                      help="architecture of the authorized network: small-cnn, resnet18 or a torchvision classifier "
                           "name, as `audit --model` takes (part of the secret)")
