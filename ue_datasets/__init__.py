@@ -4,7 +4,8 @@ The flow has three stages: **fit** a protection (`ue_datasets.fit`), keep it as 
 artifact** (`Protection`, saved with `Protection.save` and read with `load_protection`), and **apply**
 it through one tensor core (`protect_batch`) behind thin adapters: `ue_datasets.transforms` (torchvision
 v2), `ue_datasets.apply.hf` (``datasets.map``), `ue_datasets.apply.wds` (webdataset),
-`ue_datasets.apply.parquet`, and `ue_datasets.protect` and the ``ue-datasets`` CLI for whole datasets.
+`ue_datasets.apply.parquet`, `ue_datasets.apply.ray` (Ray Data, and the Ray engine), and
+`ue_datasets.protect` and the ``ue-datasets`` CLI for whole datasets.
 
     >>> import ue_datasets
     >>> protection = ue_datasets.fit("cuda", num_classes=10, key=123456789)
@@ -58,6 +59,7 @@ _LAZY = {
     "fit_clusters": "fit", "fit_convolution": "fit", "fit_em": "fit", "fit_salm": "fit", "fit_t2ue": "fit",
     "fit_uge": "fit", "authorized_model": "fit.uge",
     "text_noise": "apply.generators",
+    "RayEngine": "apply.ray", "ProtectBatches": "apply.ray",
 }
 
 from .version import __version__ as __version__  # noqa: E402

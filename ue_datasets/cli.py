@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from .cli_parser import build_parser
 from .errors import UEDatasetsError
@@ -42,7 +43,7 @@ def _fit_clusters(args: argparse.Namespace) -> int:
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, resolution=args.resolution, seed=args.seed,
         kmeans_mode=args.kmeans, device=args.device, cache_dir=cache, keep_cache=True, image_field=args.image_field,
         key_field=args.key_field, limit=args.limit, key=args.key, grid=args.grid, kernel_size=args.kernel_size,
-        blur=args.blur, progress=not args.no_progress,
+        blur=args.blur, progress=not args.no_progress, engine=_engine(args),
     )
     protection.save(out, overwrite=args.overwrite)
     if not args.keep_cache:  # only once the artifact is safely written
@@ -207,18 +208,31 @@ def _text_options(args: argparse.Namespace) -> tuple[str, ...]:
     return read_class_names(args.class_names) if args.class_names else ()
 
 
+def _engine(args: argparse.Namespace) -> Any:
+    """``--engine`` and its options: ``"local"`` or a `RayEngine` (ray not installed: the install command)."""
+    if args.engine == "local":
+        if args.ray_address is not None or args.gpus_per_task:
+            raise UEDatasetsError("--ray-address and --gpus-per-task are options of --engine ray")
+        return "local"
+    from .apply.ray import RayEngine, require_ray
+
+    require_ray()
+    return RayEngine(address=args.ray_address, gpus_per_task=args.gpus_per_task)
+
+
 def _protect(args: argparse.Namespace) -> int:
     from .apply.protect import TooManySkipped, protect
 
     class_names = _text_options(args)
+    engine = _engine(args)
     try:
         result = protect(
             args.input, args.output, args.protection, label_field=args.label_field, image_field=args.image_field,
             key_field=args.key_field, keep_fields=args.keep_field, batch_size=args.batch_size, device=args.device,
             encoder=args.encoder, on_error=args.on_error, max_skipped=args.max_skipped, png_level=args.png_level,
-            max_pixels=args.max_pixels, unfitted=args.unfitted, text_field=args.caption_field,
-            class_names=class_names, template=args.template, workers=args.workers, overwrite=args.overwrite,
-            progress=not args.no_progress,
+            max_pixels=args.max_pixels, unfitted=args.unfitted, text_field=args.caption_field, format=args.format,
+            class_names=class_names, template=args.template, workers=args.workers, engine=engine,
+            overwrite=args.overwrite, progress=not args.no_progress,
         )
     except TooManySkipped as e:
         print(e.result.summary())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_types import fraction, positive
+from .cli_types import add_engine_arguments, fraction, positive
 
 
 def add_fit_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
@@ -99,6 +99,8 @@ def add_fit_parsers(sub: argparse._SubParsersAction, fmt: type[argparse.HelpForm
     uc.add_argument("--label-field", default=None,
                     help="field/column of labels, read only to print the clusters' purity (default: cls / label)")
     uc.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    add_engine_arguments(uc, "the features pass, one task per shard or parquet file (the rest of the fit runs "
+                             "here)")
     _add_output(uc, cache="feature cache and checkpoints")
     _add_em(methods, fmt)
     _add_salm(methods, fmt)

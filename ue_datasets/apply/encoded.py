@@ -1,9 +1,11 @@
-"""Protect encoded images (bytes or PIL) to PNG bytes: the path shared by the record-based adapters.
+"""Protect encoded images (bytes or PIL) to PNG (or WebP, JPEG) bytes: the path shared by the record-based adapters.
 
 The ``datasets.map`` function, the webdataset stage, the shard rewriter and the parquet rewriter all
 go through `protect_encoded_stream` (or `protect_encoded`, its one-batch form): decode and
 mode-normalise each image, check its label (or its text), run the tensor core once over the batch
-(grouped by size), encode lossless PNG. A sample that cannot be protected comes back as a
+(grouped by size), encode in the output format (lossless PNG by default; `OutputFormat`). A sample
+that cannot be protected, or whose image the output format cannot hold (a grayscale WebP, an alpha
+channel in JPEG), comes back as a
 `SampleError` in its slot, so the caller decides to fail or to skip and record it.
 """
 
@@ -23,7 +25,7 @@ from ..errors import SampleError, UEDatasetsError
 from ..kernels.samples import colour_planes
 from .core import check_label, method_of, needs_labels, needs_texts, protect_batch, uncovered
 from .images import (
-    DEFAULT_MAX_PIXELS, PNG_LEVEL, Decoded, decode_with_profile, encode_png, holds_image, image_tensor,
+    DEFAULT_MAX_PIXELS, PNG_LEVEL, Decoded, OutputFormat, decode_with_profile, holds_image, image_tensor,
 )
 from .texts import TextSource
 
@@ -48,7 +50,7 @@ ON_ERROR = ("fail", "skip")
 
 
 class Unprotected(bytes):
-    """The PNG of an image that passed through unprotected (``unfitted="pass"``): bytes, marked so
+    """The PNG (or WebP, JPEG) of an image that passed through unprotected (``unfitted="pass"``): bytes, marked so
     that the writers count it (``unprotected`` in the stats)."""
 
 
@@ -148,6 +150,7 @@ def protect_encoded_stream(
     pool: Executor | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     unfitted: str = "error",
+    output_format: OutputFormat | str | None = None,
 ) -> Iterator[tuple[T, list[bytes | SampleError]]]:
     """Protect a stream of batches, overlapping the tensor core with decoding and encoding.
 
@@ -161,17 +164,24 @@ def protect_encoded_stream(
         max_pixels: images that declare more pixels are refused before decoding.
         unfitted: a sample the protection holds no noise for (not in its noise bank) is a `SampleError`
             (``"error"``) or passes through unprotected as `Unprotected` bytes (``"pass"``).
+        output_format: how images are written (`OutputFormat` or its spec, ``"webp"``, ``"jpeg:90"``);
+            default PNG at ``png_level``. An image the format cannot hold is a `SampleError`.
 
     Yields:
-        ``(payload, results)`` in input order, one PNG or `SampleError` per item.
+        ``(payload, results)`` in input order, one encoded image or `SampleError` per item.
     """
     pool = pool or shared_pool()
+    fmt = OutputFormat.parse(output_format, png_level)
     labelled, texted = needs_labels(protection), needs_texts(protection)
     partial = method_of(protection).covers is not None
 
     def load(item: Item) -> Decoded | SampleError:
         try:
-            return _decode_item(protection, item, labelled, texted, max_pixels)
+            decoded = _decode_item(protection, item, labelled, texted, max_pixels)
+            refused = fmt.refusal(decoded.pixels.shape[0], tuple(decoded.pixels.shape[-2:]))
+            if refused is not None:
+                raise UEDatasetsError(f"image field {item.field!r}: {refused}" if item.field else refused)
+            return decoded
         except UEDatasetsError as e:
             return SampleError(item.source or source, item.key, str(e))
 
@@ -185,7 +195,7 @@ def protect_encoded_stream(
             for i in [i for i in ok if bool(uncovered(protection, colour_planes(results[i].pixels)[None], [items[i].key])[0])]:
                 ok.remove(i)
                 results[i] = (SampleError(items[i].source or source, items[i].key, NOT_FITTED) if unfitted == "error"
-                              else pool.submit(lambda d: Unprotected(encode_png(d.pixels, png_level, d.icc_profile)),
+                              else pool.submit(lambda d: Unprotected(fmt.encode(d.pixels, d.icc_profile)),
                                                results[i]))
         if ok:
             protected = protect_batch(
@@ -197,7 +207,7 @@ def protect_encoded_stream(
                 texts=[items[i].text for i in ok] if texted else None,
             )
             for i, t in zip(ok, protected):
-                results[i] = pool.submit(encode_png, t, png_level, results[i].icc_profile)
+                results[i] = pool.submit(fmt.encode, t, results[i].icc_profile)
         return payload, results
 
     def finish(payload: T, results: list[Any]) -> tuple[T, list[bytes | SampleError]]:
@@ -223,8 +233,9 @@ def protect_encoded(
     pool: Executor | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     unfitted: str = "error",
+    output_format: OutputFormat | str | None = None,
 ) -> list[bytes | SampleError]:
-    """Protect one batch of encoded images; one PNG (or the reason it failed) per item, in order.
+    """Protect one batch of encoded images; one encoded image (or the reason it failed) per item, in order.
 
     Args:
         protection: a fitted `Protection`.
@@ -234,9 +245,9 @@ def protect_encoded(
         png_level: zlib level of the written PNG (lossless at any level).
         pool: executor for decode and encode; the shared thread pool by default.
         max_pixels: images that declare more pixels are refused before decoding.
-        unfitted: as for `protect_encoded_stream`.
+        unfitted, output_format: as for `protect_encoded_stream`.
     """
     for _, results in protect_encoded_stream(protection, [(None, items)], source, device, png_level, pool,
-                                             max_pixels, unfitted):
+                                             max_pixels, unfitted, output_format):
         return results
     return []

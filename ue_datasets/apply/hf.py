@@ -13,8 +13,9 @@
 (Image(mode=None, decode=True), 8)
 
 `protect_dataset` does exactly that for a `Dataset`, `IterableDataset` (streaming) or a dict of splits.
-Images come back as new lossless PNG bytes (``{"bytes": ..., "path": None}``), so the ``Image`` feature
-is kept and the output never points at the original, unprotected file.
+Images come back as new bytes in the output format (``format``: lossless PNG by default, ``"webp"``
+lossless, ``"jpeg:Q"`` lossy) as ``{"bytes": ..., "path": None}``, so the ``Image`` feature is kept and
+the output never points at the original, unprotected file.
 
 ``num_proc=N`` works on CPU whatever ran before in the parent: a forked worker runs torch with one
 thread, so it never waits on the OpenMP pool of its parent (huggingface/datasets#5094). Multi-GPU: with
@@ -35,22 +36,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from ..artifact import Protection, as_protection, load_protection
-from ..errors import SampleError, UEDatasetsError
+from ..errors import UEDatasetsError
 from ..version import __version__
-from .core import UNFITTED, needs_keys, needs_labels, needs_texts
-from .encoded import (
-    ON_ERROR, Item, Unprotected, field_names, protect_encoded, refuse_hidden_image, row_text, text_columns,
+from .core import UNFITTED, needs_keys, needs_texts
+from .encoded import ON_ERROR, field_names
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    PNG_LEVEL,
+    OutputFormat,
+    lossy_warned,
+    warn_if_lossy,
 )
-from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
+from .rows import RowOptions, check_columns, protect_rows
 from .texts import TextSource
-
 
 #: The process that imported this module; a forked child inherits it, a spawned one imports anew.
 _IMPORTED_IN = os.getpid()
@@ -81,7 +85,7 @@ class ProtectMap:
             it in `skipped` (of this process): pass your own list to collect them, else each skipped row
             is also a warning.
         png_level: zlib level of the written PNGs (lossless at any level).
-        as_bytes: return raw PNG bytes instead of ``{"bytes", "path": None}`` (for binary columns).
+        as_bytes: return raw image bytes instead of ``{"bytes", "path": None}`` (for binary columns).
         source: name used in error messages.
         max_pixels: images that declare more pixels (width x height) are refused before decoding.
         keep_columns: columns passed on as they are although they hold images; image data in any other
@@ -92,6 +96,8 @@ class ProtectMap:
         class_names: names by class id: without ``text_column``, a row's text is the prompt ``template``
             makes from its label's name.
         template: the prompt template, with ``{name}``; default: the protection's own.
+        format: how images are written (`ue_datasets.apply.images.OutputFormat` or its spec): ``"png"``
+            (default), ``"webp"`` (lossless) or ``"jpeg:Q"`` (lossy: warns once, here).
 
     Call: ``fn(batch: dict[str, list], indices: list[int] | None = None, rank: int | None = None)``.
     """
@@ -116,7 +122,9 @@ class ProtectMap:
         text_column: str | None = None,
         class_names: Sequence[str] = (),
         template: str | None = None,
+        format: str | OutputFormat = "png",
     ):
+        output_format = OutputFormat.parse(format, png_level)
         if on_error not in ON_ERROR:
             raise UEDatasetsError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if unfitted not in UNFITTED:
@@ -139,6 +147,13 @@ class ProtectMap:
         self.unfitted = unfitted
         self.unprotected: list[dict[str, str]] = [] if unprotected is None else unprotected
         self.text_source = TextSource(text_column, tuple(class_names), template)
+        self.format = output_format.spec
+        warn_if_lossy(output_format)
+
+    @property
+    def output_format(self) -> OutputFormat:
+        """How images are written: `format` with `png_level`."""
+        return OutputFormat.parse(self.format, self.png_level)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -165,7 +180,7 @@ class ProtectMap:
         spec = json.dumps(
             [__version__, self.protection_id, self.image_column, self.label_column, self.key_column, self.on_error,
              self.png_level, self.as_bytes, self.max_pixels, list(self.keep_columns), self.unfitted,
-             self.text_source.settings(), previous],
+             self.text_source.settings(), *([self.format] if self.format != "png" else []), previous],
             sort_keys=True,
         )
         return "ue-" + hashlib.sha256(spec.encode()).hexdigest()[:32]
@@ -187,71 +202,20 @@ class ProtectMap:
             return [str(i) for i in range(n)]
         return [str(i) for i in indices]
 
-    def _image(self, value: Any) -> Any:
-        """Encoded bytes (or a PIL image) of a cell; a path-only image is read from a local file only."""
-        if isinstance(value, dict):
-            if value.get("bytes") is not None:
-                return value["bytes"]
-            path = value.get("path")
-            if path:
-                if "://" in path and not path.startswith("file://"):
-                    raise UEDatasetsError(f"image is stored as a URL only ({path!r}); it is not fetched")
-                try:
-                    with open(path.removeprefix("file://"), "rb") as f:
-                        return f.read()
-                except OSError as e:
-                    raise UEDatasetsError(f"cannot read the image file {path!r} ({type(e).__name__})") from None
-            return None
-        return value
+    def row_options(self) -> RowOptions:
+        return RowOptions(self.image_column, self.label_column, self.on_error, self.png_level, self.max_pixels,
+                          self.unfitted, self.keep_columns, self.scan_columns, self.text_source, self.source,
+                          self.format)
 
     def __call__(self, batch: dict[str, list], indices: list[int] | None = None, rank: int | None = None) -> dict:
         _single_thread_if_forked()
-        protection = self.protection
-        if self.image_column not in batch:
-            raise UEDatasetsError(f"image column {self.image_column!r} not in the dataset (columns: {sorted(batch)})")
-        images = batch[self.image_column]
-        n = len(images)
-        labelled = needs_labels(protection)
-        texts = self.text_source if needs_texts(protection) else None
-        if texts is not None:
-            texts.check_resolvable()
-        if labelled and self.label_column not in batch:
-            raise UEDatasetsError(f"label column {self.label_column!r} not in the dataset (columns: {sorted(batch)})")
-        missing = [c for c in text_columns(texts, self.label_column) if c not in batch]
-        if missing:
-            what = "caption" if texts.field is not None else "label"  # type: ignore[union-attr]
-            raise UEDatasetsError(f"{what} column {missing[0]!r} not in the dataset (columns: {sorted(batch)})")
-        keys = self._keys(batch, indices, n)
-        labels = batch[self.label_column] if labelled else [None] * n
-        scanned = [c for c in (batch if self.scan_columns is None else self.scan_columns)
-                   if c in batch and c != self.image_column and c not in self.keep_columns]
-        results: list[Any] = [None] * n
-        items: list[tuple[int, Item]] = []
-        for i in range(n):
-            try:
-                refuse_hidden_image(lambda c: batch[c][i], scanned)  # noqa: B023
-                text = row_text(protection, texts, lambda c: batch[c][i], self.label_column, keys[i])  # noqa: B023
-                items.append((i, Item(keys[i], self._image(images[i]), labels[i], text=text)))
-            except UEDatasetsError as e:
-                results[i] = SampleError(self.source, keys[i], str(e))
-        done = protect_encoded(protection, [it for _, it in items], self.source, self._device(rank), self.png_level,
-                               max_pixels=self.max_pixels, unfitted=self.unfitted)
-        for (i, _), r in zip(items, done):
-            results[i] = r
-            if isinstance(r, Unprotected):
-                self.unprotected.append({"source": self.source, "key": keys[i]})
-        keep = []
-        for i, r in enumerate(results):
-            if isinstance(r, SampleError):
-                if self.on_error == "fail":
-                    raise r
-                if self.warn_skipped:
-                    warnings.warn(f"skipped {r}")
-                self.skipped.append({"source": r.source, "key": r.key, "reason": r.reason})
-            else:
-                keep.append(i)
+        options = self.row_options()
+        check_columns(self.protection, list(batch), options)
+        n = len(batch[self.image_column])
+        keep, encoded = protect_rows(self.protection, batch, self._keys(batch, indices, n), options, self._device(rank),
+                                     self.skipped, self.unprotected, self.warn_skipped)
         out = {col: [values[i] for i in keep] for col, values in batch.items()} if len(keep) < n else dict(batch)
-        out[self.image_column] = [results[i] if self.as_bytes else {"bytes": results[i], "path": None} for i in keep]
+        out[self.image_column] = [b if self.as_bytes else {"bytes": b, "path": None} for b in encoded]
         return out
 
 
@@ -322,6 +286,7 @@ def protect_dataset(
     text_column: str | None = None,
     class_names: Sequence[str] = (),
     template: str | None = None,
+    format: str | OutputFormat = "png",
     **map_kwargs: Any,
 ) -> Any:
     """Protect the image column of a ``datasets`` dataset (map-style, streaming, or a dict of splits).
@@ -342,21 +307,25 @@ def protect_dataset(
     (``"pass"``) and, when the map runs in this process, appended to ``unprotected`` as ``{"source", "key"}``.
     A protection that finds noise by text (T2UE) takes each row's caption from ``text_column``, else a
     prompt (``template``) from its label's name in ``class_names``, by default the names of a ``ClassLabel``
-    label column.
+    label column. ``format`` is how images are written: ``"png"`` (default), ``"webp"`` (lossless) or
+    ``"jpeg:Q"`` (lossy; warns once, `ue_datasets.apply.images.LossyOutputWarning`).
 
     Returns:
         A dataset of the same kind with protected images (lazy for an ``IterableDataset``).
     """
     import datasets
 
+    output_format = OutputFormat.parse(format, png_level)
+    warn_if_lossy(output_format)
     if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        return type(dataset)({
-            split: protect_dataset(d, protection, image_column, label_column, key_column, batch_size, device,
-                                   num_proc, on_error, png_level, writer_batch_size, f"{source}[{split}]", skipped,
-                                   max_pixels, keep_columns, unfitted, unprotected, text_column, class_names,
-                                   template, **map_kwargs)
-            for split, d in dataset.items()
-        })
+        with lossy_warned():
+            return type(dataset)({
+                split: protect_dataset(d, protection, image_column, label_column, key_column, batch_size, device,
+                                       num_proc, on_error, png_level, writer_batch_size, f"{source}[{split}]",
+                                       skipped, max_pixels, keep_columns, unfitted, unprotected, text_column,
+                                       class_names, template, output_format, **map_kwargs)
+                for split, d in dataset.items()
+            })
     features = dataset.features
     keep_columns = field_names(keep_columns)
     names = class_names_of(features, label_column) if text_column is None and not class_names else ()
@@ -371,11 +340,13 @@ def protect_dataset(
     if features is not None and isinstance(features.get(image_column), datasets.Image) and features[image_column].decode:
         # Decode in ProtectMap, not in datasets: a bad image then fails (or is skipped) naming its row.
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    fn = ProtectMap(protection, image_column, label_column, key_column, device, on_error, png_level,
-                    as_bytes=not _is_image_feature(features, image_column), source=source, skipped=skipped,
-                    max_pixels=max_pixels, keep_columns=keep_columns, unfitted=unfitted, unprotected=unprotected,
-                    scan_columns=None if features is None else [c for c, f in features.items() if _may_hold_bytes(f)],
-                    text_column=text_column, class_names=class_names, template=template)
+    with lossy_warned():
+        fn = ProtectMap(protection, image_column, label_column, key_column, device, on_error, png_level,
+                        as_bytes=not _is_image_feature(features, image_column), source=source, skipped=skipped,
+                        max_pixels=max_pixels, keep_columns=keep_columns, unfitted=unfitted, unprotected=unprotected,
+                        scan_columns=None if features is None else [c for c, f in features.items()
+                                                                    if _may_hold_bytes(f)],
+                        text_column=text_column, class_names=class_names, template=template, format=output_format)
     if isinstance(dataset, datasets.IterableDataset):
         # IterableDataset.map(features=...) takes the output as already decoded; cast decodes the PNGs.
         mapped = dataset.map(fn, batched=True, batch_size=batch_size, with_indices=True, **map_kwargs)

@@ -1,7 +1,8 @@
 """Parquet adapter: rewrite parquet files file-to-file, one input row group at a time.
 
 The image column is a Hugging Face ``Image`` struct (``{bytes, path}``) or a plain binary column;
-protected images are written as lossless PNG bytes with ``path`` null. Every other column, the schema
+protected images are written as bytes of the output format (``ShardOptions.format``: lossless PNG by
+default, or WebP, JPEG) with ``path`` null. Every other column, the schema
 and its metadata (the ``huggingface`` features entry) are kept, so ``datasets`` reads the output with
 the same features, and each input row group gives one output row group (less its skipped rows).
 Another column of images (an ``Image`` feature at any depth) fails the file, and image bytes in any
@@ -28,6 +29,7 @@ from ..artifact import Protection, as_protection
 from ..errors import SampleError, SourceError, UEDatasetsError
 from .core import needs_labels, needs_texts
 from .encoded import Item, Unprotected, batched, protect_encoded_stream, refuse_hidden_image, row_text, text_columns
+from .images import warn_if_lossy
 from .shards import ShardOptions, ShardStats, check_not_empty, commit_file, run
 
 
@@ -164,7 +166,8 @@ def protect_parquet_file(
 
         with pq.ParquetWriter(f, schema) as writer:
             stream = protect_encoded_stream(protection, groups(), in_url, options.device, options.png_level,
-                                            max_pixels=options.max_pixels, unfitted=options.unfitted)
+                                            max_pixels=options.max_pixels, unfitted=options.unfitted,
+                                            output_format=options.output_format)
             done: list[Any] = []
             for (table, keys, outcome, last), results in stream:
                 done.extend(results)
@@ -207,14 +210,17 @@ def protect_parquet(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    engine: str | Any = "local",
 ) -> list[dict[str, Any]]:
     """Rewrite parquet files into ``output_dir`` (same names), resuming finished ones.
 
     ``protection`` is a `Protection` or its artifact directory; ``inputs`` a list of file URLs, or one
-    string as ``ue-datasets protect --input`` takes it (a brace pattern, glob or folder).
+    string as ``ue-datasets protect --input`` takes it (a brace pattern, glob or folder); ``engine`` as
+    `ue_datasets.apply.shards.run` takes it (``"local"``, ``"ray"`` or a ``RayEngine``).
     """
     from .sources import input_files
 
     urls, patterns = input_files(inputs, "parquet")
+    warn_if_lossy(options.output_format)
     return run(protect_parquet_file, as_protection(protection), urls, output_dir, options, workers, overwrite,
-               progress, patterns)
+               progress, patterns, engine)

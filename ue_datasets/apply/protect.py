@@ -22,14 +22,18 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..artifact import Protection, as_protection
 from ..errors import UEDatasetsError
 from .commit import read_json, stats_url
-from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
+from .distribute import distributor_for
+from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL, OutputFormat, lossy_warned, warn_if_lossy
 from .shards import DEFAULT_BATCH_SIZE, ShardOptions
 from .sources import HF_STATS, Source, protect_source, resolve
+
+if TYPE_CHECKING:
+    from .ray import RayEngine
 
 #: The parts of a skip reason that vary from sample to sample: addresses, quoted values, numbers.
 _VARIABLE = re.compile(r"0x[0-9a-fA-F]+|'[^']*'|\"[^\"]*\"|\d+")
@@ -176,12 +180,14 @@ def protect(
     on_error: str = "fail",
     max_skipped: int | str = DEFAULT_MAX_SKIPPED,
     png_level: int = PNG_LEVEL,
+    format: str | OutputFormat = "png",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     unfitted: str = "error",
     text_field: str | None = None,
     class_names: Sequence[str] = (),
     template: str | None = None,
     workers: int = 1,
+    engine: str | RayEngine = "local",
     overwrite: bool = False,
     progress: bool = True,
 ) -> ProtectResult:
@@ -205,6 +211,10 @@ def protect(
             share of the samples read (``"1%"``). Above it the outputs are still written, then
             `TooManySkipped` is raised.
         png_level: zlib level of the written PNGs (lossless at any level).
+        format: how protected images are written: ``"png"`` (default, lossless), ``"webp"`` (lossless
+            WebP, faster to write and smaller; RGB and RGBA images only) or ``"jpeg:Q"`` (lossy JPEG at
+            quality Q, 4:4:4; L and RGB images only). Lossy output erases part of the perturbation and
+            warns (`ue_datasets.apply.images.LossyOutputWarning`) once per call.
         max_pixels: images that declare more pixels are refused before decoding.
         unfitted: samples a sample-wise protection holds no noise for (its noise bank was fitted on
             other data): ``"error"`` fails them (or skips them with ``on_error="skip"``), ``"pass"``
@@ -215,7 +225,9 @@ def protect(
             without ``text_field``, each sample's text is a prompt made from its label's name. A dataset's
             ``ClassLabel`` label column gives its names by default.
         template: the prompt template, with ``{name}`` (default: the protection's, ``"a photo of a {name}."``).
-        workers: processes, each protecting whole files (shards and parquet).
+        workers: processes, each protecting whole files (shards and parquet), with the local engine.
+        engine: ``"local"`` (this machine), ``"ray"`` or a `ue_datasets.apply.ray.RayEngine` (the
+            cluster's address, GPUs per task): one Ray task per shard or parquet file, the same bytes.
         overwrite: redo outputs completed earlier, also those made with another protection.
         progress: show progress (bars on a terminal, periodic lines otherwise).
 
@@ -228,6 +240,8 @@ def protect(
     """
     start = time.perf_counter()
     skip_limit(max_skipped, 0)  # a bad value fails before any work
+    output_format = OutputFormat.parse(format, png_level)  # so does a bad format
+    distributor_for(engine, workers)  # so does an engine that cannot run (ray not installed)
     source, dst = resolve(src), os.fspath(dst)
     protection = as_protection(protection)
     if encoder is not None:
@@ -235,13 +249,15 @@ def protect(
 
         protection = use_encoder(protection, encoder, device=device)
     warn_if_protected(source)
+    warn_if_lossy(output_format)
     options = ShardOptions(
         label_field=label_field or ("cls" if source.kind == "wds" else "label"), image_field=image_field,
         key_field=key_field, keep_fields=keep_fields, batch_size=batch_size, device=device, on_error=on_error,
         png_level=png_level, max_pixels=max_pixels, unfitted=unfitted, text_field=text_field,
-        class_names=tuple(class_names), template=template,
+        class_names=tuple(class_names), template=template, format=output_format.spec,
     )
-    _, stats = protect_source(protection, source, dst, options, workers, overwrite, progress=progress)
+    with lossy_warned():
+        _, stats = protect_source(protection, source, dst, options, workers, overwrite, progress, engine)
     result = ProtectResult(source.kind, dst, stats, time.perf_counter() - start)
     limit = skip_limit(max_skipped, result.samples)
     if len(result.skipped) > limit:

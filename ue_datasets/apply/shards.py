@@ -10,19 +10,14 @@ works in them), or several runs, can share the work; a file another run is writi
 
 from __future__ import annotations
 
-import multiprocessing
 import posixpath
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import torch
 
 from ..artifact import Protection
 from ..errors import SourceError, UEDatasetsError
@@ -44,11 +39,15 @@ from .commit import (
     write_hashed,
     write_json,
 )
-from .core import UNFITTED, needs_keys, resolve_device, selected
+from .core import UNFITTED, needs_keys, selected
+from .distribute import distributor_for, serial
 from .encoded import ON_ERROR, field_names
-from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL
+from .images import DEFAULT_MAX_PIXELS, PNG_LEVEL, OutputFormat
 from .locations import check_output, check_output_name
 from .texts import TextSource, check_template
+
+if TYPE_CHECKING:
+    from .ray import RayEngine
 
 #: Names of the files the rewriters read and write: webdataset shards, parquet files.
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -76,6 +75,9 @@ class ShardOptions:
         on_error: ``"fail"`` raises on the first bad sample; ``"skip"`` leaves it out and records
             its key and the reason in the stats.
         png_level: zlib level of the written PNGs (lossless at any level).
+        format: how protected images are written (`ue_datasets.apply.images.OutputFormat` or its spec):
+            ``"png"`` (default, lossless), ``"webp"`` (lossless) or ``"jpeg:Q"`` (lossy, quality Q);
+            kept as its canonical spec. Webdataset image fields are named after its extension.
         max_pixels: an image that declares more pixels (width x height) is refused before decoding.
         unfitted: a sample the protection holds no noise for (a sample-wise noise bank fitted on other
             data): ``"error"`` fails it (or skips it under ``on_error="skip"``), ``"pass"`` writes it
@@ -101,6 +103,7 @@ class ShardOptions:
     text_field: str | None = None
     class_names: tuple[str, ...] = ()
     template: str | None = None
+    format: str = "png"
 
     def __post_init__(self) -> None:
         if self.on_error not in ON_ERROR:
@@ -111,6 +114,7 @@ class ShardOptions:
             raise UEDatasetsError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_pixels < 1:
             raise UEDatasetsError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        object.__setattr__(self, "format", OutputFormat.parse(self.format, self.png_level).spec)
         object.__setattr__(self, "keep_fields", field_names(self.keep_fields))
         object.__setattr__(self, "class_names", tuple(self.class_names))
         if self.template is not None:
@@ -120,16 +124,23 @@ class ShardOptions:
         return ShardOptions(**{**asdict(self), **changes})
 
     @property
+    def output_format(self) -> OutputFormat:
+        """How protected images are written: `format` with `png_level`."""
+        return OutputFormat.parse(self.format, self.png_level)
+
+    @property
     def text_source(self) -> TextSource:
         """Where each sample's text comes from, as given (an adapter fills in its own default caption field)."""
         return TextSource(self.text_field, self.class_names, self.template)
 
     def settings(self) -> dict[str, Any]:
         """The options that decide an output's bytes (not batch size or device): a rerun with other
-        settings redoes the output instead of resuming it."""
+        settings redoes the output instead of resuming it. ``format`` is there only when it is not PNG,
+        so that PNG outputs written before formats existed still resume."""
         return {"label_field": self.label_field, "image_field": self.image_field, "key_field": self.key_field,
                 "keep_fields": list(self.keep_fields), "on_error": self.on_error, "png_level": self.png_level,
-                "max_pixels": self.max_pixels, "unfitted": self.unfitted, **self.text_source.settings()}
+                "max_pixels": self.max_pixels, "unfitted": self.unfitted, **self.text_source.settings(),
+                **({"format": self.format} if self.format != "png" else {})}
 
 
 @dataclass
@@ -280,30 +291,6 @@ def plan(inputs: Sequence[str], output_dir: str, patterns: Sequence[str] | None 
     return pairs
 
 
-def _worker_device(device: str, worker: int) -> str:
-    if device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        return f"cuda:{worker % torch.cuda.device_count()}"
-    return device
-
-
-@contextmanager
-def _core_threads(options: ShardOptions) -> Iterator[None]:
-    """On CPU, run the tensor core single-threaded while rewriting files.
-
-    The decode/encode pool already keeps every core busy and overlaps with the core; intra-op
-    threads on top only oversubscribe the cores (and stall badly on a loaded machine).
-    """
-    if resolve_device(options.device).type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _sweep_partials(outputs: list[str], output_dir: str) -> None:
     """Remove partial files that killed runs left for ``outputs`` (and their stats), each under the
     output's lock, so that a live writer's partial file is never touched. One listing of the folder."""
@@ -325,28 +312,6 @@ def _sweep_partials(outputs: list[str], output_dir: str) -> None:
             continue
 
 
-def _die_with_parent() -> None:
-    """Pool initializer: on Linux, a worker is killed when the run that spawned it dies, so an orphan
-    never goes on holding an output's lock (its partial file is removed by the next run)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import os
-    import signal
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before the call
-        os._exit(1)
-
-
-def _task(rewrite: Rewrite, protection: Protection, in_url: str, out_url: str, options: ShardOptions,
-          overwrite: bool, worker: int) -> dict[str, Any]:
-    torch.set_num_threads(1)
-    options = options.replace(device=_worker_device(options.device, worker))
-    return rewrite(protection, in_url, out_url, options, None, overwrite)
-
-
 def run(
     rewrite: Rewrite,
     protection: Protection,
@@ -357,18 +322,25 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     patterns: Sequence[str] | None = None,
+    engine: str | RayEngine = "local",
 ) -> list[dict[str, Any]]:
     """Rewrite every input file into ``output_dir`` with ``rewrite``, resuming finished ones.
 
     Files another run is writing are left to it and waited for, then taken as it left them.
+
+    Args:
+        workers: with the local engine, processes each rewriting whole files.
+        engine: ``"local"`` (this machine: one process, or ``workers`` processes), ``"ray"`` or a
+            `ue_datasets.apply.ray.RayEngine`: one Ray task per file (`ue_datasets.apply.distribute`).
 
     Returns:
         The stats of every file, in input order (``resumed: True`` for files done earlier).
 
     Raises:
         UEDatasetsError: an output aliases an input, is not this package's, or was completed with
-            another protection (unless ``overwrite``).
+            another protection (unless ``overwrite``); with Ray, files whose tasks failed (all named).
     """
+    distributor = distributor_for(engine, workers)
     pairs = plan(inputs, output_dir, patterns)
     fs, out_path = fsspec.core.url_to_fs(output_dir)
     if fs.exists(out_path) and not fs.isdir(out_path):
@@ -386,40 +358,18 @@ def run(
     try:
         while pending:
             busy: list[int] = []
-
-            def done(i: int, outcome: dict[str, Any] | OutputBusy) -> None:
+            if len(pending) <= 1 and distributor is not serial and engine == "local":
+                distributor = serial
+            jobs = [(i, *pairs[i]) for i in pending]
+            for i, outcome in distributor(rewrite, protection, jobs, options, overwrite, progress):
                 if isinstance(outcome, OutputBusy):
                     if not outcome.waitable:
                         raise outcome
                     busy.append(i)
-                    return
+                    continue
                 results[i] = outcome
                 bar.update(1)
-
-            if workers <= 1 or len(pending) <= 1:
-                with progress_bar(unit="img", desc="samples", disable=not progress, leave=False) as samples, \
-                        _core_threads(options):
-                    for i in pending:
-                        try:
-                            done(i, rewrite(protection, *pairs[i], options, samples.update, overwrite))
-                        except OutputBusy as e:
-                            done(i, e)
-            else:
-                ctx = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_die_with_parent) as pool:
-                    jobs = {pool.submit(_task, rewrite, protection, *pairs[i], options, overwrite, n): i
-                            for n, i in enumerate(pending)}
-                    for job in as_completed(jobs):
-                        try:
-                            done(jobs[job], job.result())
-                        except OutputBusy as e:
-                            done(jobs[job], e)
-                        except BrokenProcessPool:
-                            raise UEDatasetsError(
-                                "a worker process died before its file was done (nothing of it was committed; "
-                                "rerun to resume). Workers are spawned and import the main script again: in a "
-                                "script, call protect under `if __name__ == \"__main__\":`") from None
-            pending = busy
+            pending = sorted(busy)
             if pending:
                 if not told:
                     names = ", ".join(posixpath.basename(pairs[i][1]) for i in pending[:3])
@@ -427,7 +377,7 @@ def run(
                           file=sys.stderr)
                     told = True
                 time.sleep(POLL_SECONDS)
-                workers = 1
+                distributor = serial
                 overwrite = False  # what another run finished meanwhile is this run's to keep, not to redo
     finally:
         bar.close()

@@ -282,7 +282,7 @@ def _write_dataset(protection: Protection, src: str, dst: str, partial: str, nam
                     ds, protection, image_column=options.image_field or "image",
                     label_column=options.label_field, key_column=options.key_field,
                     batch_size=options.batch_size, device=options.device, on_error=options.on_error,
-                    png_level=options.png_level, max_pixels=options.max_pixels,
+                    png_level=options.png_level, format=options.format, max_pixels=options.max_pixels,
                     keep_columns=options.keep_fields, source=source, skipped=skipped,
                     unfitted=options.unfitted, unprotected=unprotected, text_column=options.text_field,
                     class_names=options.class_names, template=options.template,
@@ -337,10 +337,14 @@ def protect_source(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    engine: str | Any = "local",
 ) -> tuple[Source, list[dict[str, Any]]]:
     """Protect ``src`` (as `resolve` takes it, or resolved) into ``dst`` (same form); returns the
-    resolved source and per-file stats."""
+    resolved source and per-file stats. ``engine``: as `ue_datasets.apply.shards.run` takes it."""
     source = src if isinstance(src, Source) else resolve(src)
+    if source.kind == "hf" and engine != "local":
+        raise UEDatasetsError(f"{source.urls[0]}: the Ray engine rewrites shards and parquet files; a dataset "
+                              "directory is protected locally (or read it with ray.data and map ProtectBatches)")
     if source.kind == "hf":
         return source, [_protect_hf(protection, source.urls[0], dst, options, overwrite, progress)]
     from .shards import run
@@ -349,4 +353,5 @@ def protect_source(
         from .wds import protect_shard as rewrite
     else:
         from .parquet import protect_parquet_file as rewrite
-    return source, run(rewrite, protection, source.urls, dst, options, workers, overwrite, progress, source.patterns)
+    return source, run(rewrite, protection, source.urls, dst, options, workers, overwrite, progress, source.patterns,
+                       engine)

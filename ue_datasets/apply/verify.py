@@ -15,13 +15,22 @@
   *protected* (an image the protection leaves as it is, as a partial protection does for unselected
   samples, included); one with a clean image instead is *unprotected*; anything else *tampered*. A key
   the clean source lacks is *foreign*; a clean key the output lacks is *missing* (informational) when
-  its output file's stats list it as skipped at protect time, else *absent*.
+  its output file's stats list it as skipped at protect time, else *absent*. Images are read in the
+  output format each file's stats record (``settings.format``; PNG when absent) and named after it
+  (``jpg`` -> ``webp``...): WebP is lossless and checked exactly as PNG is. A lossy output
+  (``jpeg:Q``) cannot hold the protection exactly: its images are compared with the recomputed
+  protection encoded here as protect writes it, which on the same Pillow and libjpeg gives the same
+  pixels (*protected*); a sample that differs is *approximate* (informational, with its largest
+  difference and PSNR), unless it is the clean image (*unprotected*) or of another shape (*tampered*).
+  The report says how far the written pixels are from the protection itself (largest difference,
+  lowest PSNR).
 * **leaks** (`ue_datasets.apply.leaks`): local paths, the artifact's digest or files, lock and partial
   files in anything that would be published.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
 import random
@@ -37,13 +46,13 @@ from ..errors import SampleError, UEDatasetsError
 from ..progress import progress_bar
 from .core import check_label, needs_labels, needs_texts, protect_batch
 from .encoded import field_names, row_text
-from .images import image_tensor
+from .images import OutputFormat, image_tensor
 from .leaks import Finding, local_needles, scan
 from .records import Record, iter_records
 from .shards import output_name
-from .sources import KIND_NAMES, Source, resolve
+from .sources import HF_STATS, KIND_NAMES, Source, resolve
 from .texts import TextSource
-from .verify_files import Id, check_files, skipped_keys
+from .verify_files import Id, check_files, skipped_keys, written_formats
 from .wds import META, image_fields, label_of, output_names, read_samples, shard_texts, text_of
 
 #: Samples per call of the tensor core.
@@ -69,8 +78,13 @@ class VerifyReport:
     """What `verify` found in one protected output; ``ok`` when nothing stops its publication.
 
     Counts: ``samples`` in the output, ``checked`` pixel for pixel, ``protected`` of those equal to the
-    recomputed protection, ``unchanged`` of those left as they are by the protection (unselected by a
-    partial protection). ``missing`` is informational; every other list is a problem.
+    recomputed protection (written lossy: to its re-encoding), ``unchanged`` of those left as they are by
+    the protection (unselected by a partial protection). ``formats``: the output formats of the files
+    (`OutputFormat.spec`). ``lossy`` samples were checked in a lossy format, ``lossy_exact`` of them equal
+    to the re-encoded protection; ``lossy_max_diff`` and ``lossy_min_psnr`` (dB) measure their pixels
+    against the protection itself (``None`` without lossy samples). ``missing`` and ``approximate``
+    (lossy samples that differ from the re-encoded protection) are informational; every other list is a
+    problem.
     """
 
     output: str
@@ -81,11 +95,17 @@ class VerifyReport:
     checked: int = 0
     protected: int = 0
     unchanged: int = 0
+    formats: list[str] = field(default_factory=lambda: ["png"])
+    lossy: int = 0
+    lossy_exact: int = 0
+    lossy_max_diff: int | None = None
+    lossy_min_psnr: float | None = None
     unprotected: list[SampleFinding] = field(default_factory=list)
     tampered: list[SampleFinding] = field(default_factory=list)
     foreign: list[SampleFinding] = field(default_factory=list)
     absent: list[SampleFinding] = field(default_factory=list)
     missing: list[SampleFinding] = field(default_factory=list)
+    approximate: list[SampleFinding] = field(default_factory=list)
     files: list[Finding] = field(default_factory=list)
     leaks: list[Finding] = field(default_factory=list)
 
@@ -99,17 +119,27 @@ class VerifyReport:
     def summary(self) -> str:
         """A few lines for people: the verdict, the counts, the first findings of each kind."""
         problems = sum(len(getattr(self, name)) for name in PROBLEMS)
-        lines = [f"verify {self.output} ({KIND_NAMES[self.kind]}, protection {self.protection['id']}): "
+        formats = f", format {', '.join(self.formats)}" if self.formats != ["png"] else ""
+        lines = [f"verify {self.output} ({KIND_NAMES[self.kind]}, protection {self.protection['id']}{formats}): "
                  + ("OK" if self.ok else f"{problems} problem(s)")]
         if self.pixels_checked:
             lines.append(f"  {self.checked} of {self.samples} samples checked pixel for pixel: {self.protected} "
                          f"protected ({self.unchanged} left unchanged by the protection)")
+            if self.lossy:
+                lines.append(f"  {self.lossy} sample(s) written lossy (JPEG): exact pixels cannot be checked; "
+                             f"{self.lossy_exact} equal the recomputed protection encoded as protect writes it"
+                             + (f"; the written pixels differ from the protection by up to {self.lossy_max_diff} "
+                                f"(PSNR {self.lossy_min_psnr:.1f} dB at worst)" if self.lossy_min_psnr is not None
+                                else ""))
         else:
             lines.append(f"  {self.samples} samples; pixels not checked (give the clean source to check them)")
-        for name in (*PROBLEMS[:4], "missing", *PROBLEMS[4:]):
+        notes = {"missing": " (informational: skipped at protect time, as its stats say)",
+                 "approximate": " (informational: written lossy, not the re-encoded protection exactly; another "
+                                "Pillow or libjpeg than protect's encodes differently)"}
+        for name in (*PROBLEMS[:4], "missing", "approximate", *PROBLEMS[4:]):
             found = getattr(self, name)
             if found:
-                note = " (informational: skipped at protect time, as its stats say)" if name == "missing" else ""
+                note = notes.get(name, "")
                 lines.append(f"  {name}: {len(found)}{note}")
                 for f in found[:SHOWN]:
                     where = f.key if isinstance(f, SampleFinding) else f.where
@@ -165,9 +195,10 @@ class _Reader:
 
 
 def _images(protection: Protection, p: Record, c: Record, kind: str, options: dict[str, Any],
-            keep_fields: tuple[str, ...]) -> tuple[list[tuple[str, Any, Any]], Any, str | None]:
+            keep_fields: tuple[str, ...], extension: str = "png") -> tuple[list[tuple[str, Any, Any]], Any, str | None]:
     """Each image to check, as ``(name, published, clean)``, and the label and the text (the clean
-    sample's; ``None`` unless the protection needs one) to protect with.
+    sample's; ``None`` unless the protection needs one) to protect with. ``extension``: the output
+    format's, which shard image fields are named after.
 
     Raises:
         UEDatasetsError: why the sample is tampered (a label or field differs from the clean sample...).
@@ -185,7 +216,7 @@ def _images(protection: Protection, p: Record, c: Record, kind: str, options: di
     label_field = options["label_field"] or "cls"
     try:
         fields = image_fields(clean, options["image_field"], keep_fields)
-        names = output_names(clean, fields)
+        names = output_names(clean, fields, extension)
     except UEDatasetsError as e:
         raise UEDatasetsError(f"the clean sample cannot be protected ({e})") from None
     others = sorted((k for k in clean if k not in fields), key=lambda k: k != label_field)  # the label first
@@ -228,16 +259,49 @@ def _verdict(out: torch.Tensor, exp: torch.Tensor, clean: torch.Tensor) -> tuple
                         f"clean image (by up to {int(diff.max())})")
 
 
-def _classify(protection: Protection, pairs: list[tuple[str, Record, Record]], options: dict[str, Any],
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two uint8 images of one shape (``inf`` when they are equal)."""
+    mse = float((a.double() - b.double()).pow(2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def _lossy_verdict(out: torch.Tensor, exp: torch.Tensor, clean: torch.Tensor, fmt: OutputFormat,
+                   report: VerifyReport) -> tuple[str, str] | None:
+    """As `_verdict`, for an image written in a lossy format: compared with the recomputed protection
+    ``exp`` encoded as protect writes it (``None``: equal); records how far it is from ``exp``."""
+    if out.shape != exp.shape:
+        return "tampered", f"image is {tuple(out.shape)} (C, H, W), the protected image would be {tuple(exp.shape)}"
+    try:
+        written = image_tensor(fmt.encode(exp))
+    except UEDatasetsError as e:  # protect refuses such an image (an alpha channel in JPEG...)
+        return "tampered", f"protect cannot write this image as {fmt.spec} ({e})"
+    if not torch.equal(out, written) and not torch.equal(exp, clean) and (
+            torch.equal(out, clean) or torch.equal(out, image_tensor(fmt.encode(clean)))):
+        return "unprotected", f"the published image is the clean image (written as {fmt.spec})"
+    diff = int((out.int() - exp.int()).abs().max()) if out.numel() else 0
+    report.lossy_max_diff = max(report.lossy_max_diff or 0, diff)
+    quality = psnr(out, exp)
+    if quality != float("inf"):
+        lowest = quality if report.lossy_min_psnr is None else min(report.lossy_min_psnr, quality)
+        report.lossy_min_psnr = round(lowest, 2)
+    if torch.equal(out, written):
+        return None
+    off = int((out.int() - written.int()).abs().max())
+    return "approximate", (f"differs from the recomputed protection encoded as {fmt.spec} by up to {off} (PSNR "
+                           f"{psnr(out, written):.1f} dB); from the protection itself by up to {diff} "
+                           f"(PSNR {quality:.1f} dB)")
+
+
+def _classify(protection: Protection, pairs: list[tuple[str, Record, Record, OutputFormat]], options: dict[str, Any],
               keep_fields: tuple[str, ...], device: str, report: VerifyReport) -> None:
-    """Compare each pair (``(shown file, protected, clean)``) with the clean sample and the recomputed
-    protection of its images, and sort it into ``report``: a sample with a tampered image is tampered,
-    else one with a clean image unprotected."""
+    """Compare each pair (``(shown file, protected, clean, output format)``) with the clean sample and the
+    recomputed protection of its images, and sort it into ``report``: a sample with a tampered image is
+    tampered, else one with a clean image unprotected, else (written lossy) one that differs approximate."""
     labelled = needs_labels(protection)
-    ready: list[tuple[str, Record, list[tuple[str, torch.Tensor, torch.Tensor]], Any, str | None]] = []
-    for file, p, c in pairs:
+    ready: list[tuple[str, Record, list[tuple[str, torch.Tensor, torch.Tensor]], Any, str | None, OutputFormat]] = []
+    for file, p, c, fmt in pairs:
         try:
-            images, label, text = _images(protection, p, c, report.kind, options, keep_fields)
+            images, label, text = _images(protection, p, c, report.kind, options, keep_fields, fmt.extension)
             reason = check_label(protection, label) if labelled else None
             if reason is not None:
                 raise UEDatasetsError(reason)
@@ -250,8 +314,8 @@ def _classify(protection: Protection, pairs: list[tuple[str, Record, Record]], o
         except UEDatasetsError as e:
             report.tampered.append(SampleFinding(file, p.key, str(e)))
             continue
-        ready.append((file, p, tensors, label, text))
-    flat = [(clean, label, p.key, text) for _, p, tensors, label, text in ready for _, _, clean in tensors]
+        ready.append((file, p, tensors, label, text, fmt))
+    flat = [(clean, label, p.key, text) for _, p, tensors, label, text, _ in ready for _, _, clean in tensors]
     if not flat:
         return
     expected = iter(protect_batch(protection, [clean for clean, _, _, _ in flat],
@@ -259,19 +323,21 @@ def _classify(protection: Protection, pairs: list[tuple[str, Record, Record]], o
                                   keys=[key for _, _, key, _ in flat], device=device,
                                   unfitted="pass",  # a sample a noise bank lacks is expected unchanged
                                   texts=[text for *_, text in flat] if needs_texts(protection) else None))
-    for file, p, tensors, _, _ in ready:
+    for file, p, tensors, _, _, fmt in ready:
         report.checked += 1
+        report.lossy += int(not fmt.lossless)
         wrong, unchanged = [], True
         for (name, out, clean), exp in zip(tensors, expected):
-            verdict = _verdict(out, exp, clean)
+            verdict = _verdict(out, exp, clean) if fmt.lossless else _lossy_verdict(out, exp, clean, fmt, report)
             unchanged = unchanged and torch.equal(exp, clean)
             if verdict is not None:
                 wrong.append((verdict[0], f"image {name!r}: {verdict[1]}"))
         if not wrong:
             report.protected += 1
             report.unchanged += int(unchanged)
+            report.lossy_exact += int(not fmt.lossless)
             continue
-        which, reason = min(wrong, key=lambda w: w[0] != "tampered")
+        which, reason = min(wrong, key=lambda w: ("tampered", "unprotected", "approximate").index(w[0]))
         getattr(report, which).append(SampleFinding(file, p.key, reason))
 
 
@@ -314,6 +380,25 @@ def _read_output(reader: _Reader, shown: Callable[[str], str], report: VerifyRep
     return published, readable
 
 
+def _formats(kind: str, output: Source, report: VerifyReport) -> Callable[[str], OutputFormat]:
+    """The output format of each unit, as its stats record it; an unknown one is a finding under ``files``
+    (its samples are then read as PNG)."""
+    spec_of = written_formats(kind, output)
+    parsed: dict[str, OutputFormat] = {}
+
+    def format_of(unit: str) -> OutputFormat:
+        spec = spec_of(unit)
+        if spec not in parsed:
+            try:
+                parsed[spec] = OutputFormat.parse(spec)
+            except UEDatasetsError as e:
+                report.files.append(Finding(HF_STATS if kind == "hf" else unit, "settings.format", str(e)))
+                parsed[spec] = OutputFormat()
+        return parsed[spec]
+
+    return format_of
+
+
 def _check_samples(protection: Protection, output: Source, clean: Source, sample: int | None,
                    options: dict[str, Any], keep_fields: tuple[str, ...], device: str, seed: int, progress: bool,
                    report: VerifyReport) -> None:
@@ -326,6 +411,7 @@ def _check_samples(protection: Protection, output: Source, clean: Source, sample
         return name + unit if kind == "hf" else unit
 
     skipped = skipped_keys(kind, output)
+    format_of = _formats(kind, output, report)
     out_reader, clean_reader = _Reader(kind, output, options, skipped), _Reader(kind, clean, options)
     source_ids = [i for i, _ in clean_reader.ids(clean_reader.inputs)]  # errors here are the caller's
     published, readable = _read_output(out_reader, shown, report)
@@ -348,14 +434,14 @@ def _check_samples(protection: Protection, output: Source, clean: Source, sample
     common = list(dict.fromkeys(i for i in published if i in in_source))
     chosen = set(common if sample is None or sample >= len(common) else random.Random(seed).sample(common, sample))
     pairs = _pairs(out_reader.ids(readable), clean_reader.ids(clean_reader.inputs), chosen)
-    batch: list[tuple[str, Record, Record]] = []
+    batch: list[tuple[str, Record, Record, OutputFormat]] = []
     with progress_bar(total=len(chosen), unit="sample", desc="verify", disable=not progress) as bar:
         for (unit, key), p, c in pairs:
             bar.update(1)
             if c is None:
                 report.foreign.append(SampleFinding(shown(unit), key, "key appears more often than in the clean source"))
                 continue
-            batch.append((shown(unit), p, c))
+            batch.append((shown(unit), p, c, format_of(unit)))
             if len(batch) == BATCH:
                 _classify(protection, batch, options, keep_fields, device, report)
                 batch = []
@@ -412,6 +498,8 @@ def verify(
     source = resolve(protected)
     report = VerifyReport(protected, protection.public(), source.kind, pixels_checked=clean is not None)
     report.files, report.samples = check_files(protected, source, protection)
+    spec_of = written_formats(source.kind, source)
+    report.formats = sorted({spec_of(output_name(url)) for url in source.urls})
     clean_list = field_names(clean) if clean is not None else ()
     if clean is not None:
         clean_source = resolve(list(clean_list))

@@ -4,6 +4,7 @@ in the output folder, and what the stats list as skipped."""
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -81,6 +82,23 @@ def _check_dataset(root: str, protection: Protection) -> tuple[list[Finding], in
         if name != HF_STATS and name not in stats["files"] and not _leftover(name):
             findings.append(Finding(name, "", f"not listed in {HF_STATS}: not written by ue-datasets protect"))
     return findings, int(stats.get("written", 0))
+
+
+def _format_of(stats: dict[str, Any] | None) -> str:
+    """The output format its stats record (``settings.format``; PNG when absent, as before formats existed)."""
+    settings = (stats or {}).get("settings")
+    spec = settings.get("format", "png") if isinstance(settings, dict) else "png"
+    return spec if isinstance(spec, str) else repr(spec)
+
+
+def written_formats(kind: str, source: Source) -> Callable[[str], str]:
+    """The spec of the output format each unit (a file's output name; a dataset's split) was written in,
+    as its stats record it."""
+    if kind == "hf":
+        spec = _format_of(read_json(posixpath.join(source.urls[0], HF_STATS)))
+        return lambda unit: spec
+    specs = {output_name(url): _format_of(read_json(stats_url(url))) for url in source.urls}
+    return lambda unit: specs.get(unit, "png")
 
 
 def skipped_keys(kind: str, source: Source) -> dict[Id, str]:

@@ -6,8 +6,10 @@ executed, and every other field (``__``-prefixed ones included) is passed on byt
 
 **Every image of a sample is protected**, or the sample fails: an image field is one whose last
 extension part is an image format (``jpg``, ``left.png``...), or ``image_field``; each is replaced in
-place by a lossless PNG named with ``png`` for that last part (``jpg`` -> ``png``, ``left.jpg`` ->
-``left.png``; ``jpg.png`` when that name is taken, as in a sample with both ``png`` and ``jpg``). An
+place by its protected image in the output format (``ShardOptions.format``: lossless PNG by default), named
+with the format's extension (``png``, ``webp`` or ``jpg``) for that last part (``jpg`` -> ``png``,
+``left.jpg`` -> ``left.png``; ``jpg.png`` when that name is taken, as in a sample with both ``png`` and
+``jpg``; with ``--format webp``, ``jpg`` -> ``webp``; with ``jpeg:Q``, ``jpg`` stays ``jpg``). An
 image format that is not read (``avif``, ``heic``...) and image bytes in a field not named as an image
 make the sample fail, and so do compressed images (``seg.png.gz``) and image bytes in ``__``-prefixed
 fields, unless the field is listed in ``keep_fields`` (segmentation masks, say), which are passed on
@@ -38,10 +40,11 @@ from ..artifact import Protection, as_protection
 from ..errors import SampleError, SourceError, UEDatasetsError
 from .core import needs_labels, needs_texts
 from .encoded import Item, Unprotected, batched, protect_encoded_stream
-from .images import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, looks_like_image
+from .images import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, looks_like_image, warn_if_lossy
 from .shards import ShardOptions, ShardStats, check_not_empty, commit_file, run
 from .texts import TextSource
 
+#: The extension of written image fields with the default format (PNG); `OutputFormat.extension` in general.
 OUTPUT_FIELD = "png"
 #: The caption field of a sample when a text protection is given neither a caption field nor class names.
 CAPTION_FIELD = "txt"
@@ -216,13 +219,14 @@ def image_field_of(sample: dict[str, Any], image_field: str | None) -> str:
     raise UEDatasetsError(f"no image field; looked for {', '.join(IMAGE_EXTENSIONS)} (fields: {_fields(sample)})")
 
 
-def output_names(sample: dict[str, Any], fields: Sequence[str]) -> dict[str, str]:
-    """The name each image field's PNG is written under (see the module docstring)."""
+def output_names(sample: dict[str, Any], fields: Sequence[str], extension: str = OUTPUT_FIELD) -> dict[str, str]:
+    """The name each image field is written under, its last part replaced by ``extension`` (the output
+    format's: ``png``, ``webp``, ``jpg``; see the module docstring)."""
     taken = {k for k in sample if k not in META and k not in fields}
     names: dict[str, str] = {}
-    for k in sorted(fields, key=lambda f: f.rsplit(".", 1)[-1].lower() != OUTPUT_FIELD):  # png fields first
-        stem = k.rsplit(".", 1)[0] + "." + OUTPUT_FIELD if "." in k else OUTPUT_FIELD
-        name = stem if stem not in taken else k + "." + OUTPUT_FIELD
+    for k in sorted(fields, key=lambda f: f.rsplit(".", 1)[-1].lower() != extension):  # fields of that name first
+        stem = k.rsplit(".", 1)[0] + "." + extension if "." in k else extension
+        name = stem if stem not in taken else k + "." + extension
         if name in taken:
             raise UEDatasetsError(f"image field {k!r} cannot be written: {stem!r} and {name!r} are taken")
         taken.add(name)
@@ -271,7 +275,7 @@ def _prepare(protection: Protection, sample: dict[str, Any] | SampleError, optio
     key, source = sample["__key__"], sample.get("__url__", default_source)
     try:
         fields = image_fields(sample, options.image_field, options.keep_fields)
-        names = output_names(sample, fields)
+        names = output_names(sample, fields, options.output_format.extension)
         label = label_of(sample, options.label_field) if labelled else None
         text = text_of(protection, sample, texts, options.label_field) if texts is not None else None
         return names, [Item(key, sample[f], label, source, f, text) for f in fields]
@@ -298,8 +302,8 @@ def protect_samples(
         source: name used in errors for samples without ``__url__``.
 
     Yields:
-        The same samples with each image field replaced, in place, by the PNG bytes of its protected
-        image (under the name `output_names` gives).
+        The same samples with each image field replaced, in place, by the bytes of its protected image
+        in ``options.format`` (under the name `output_names` gives).
     """
     labelled = needs_labels(protection)
     texts = shard_texts(options.text_source) if needs_texts(protection) else None
@@ -310,7 +314,8 @@ def protect_samples(
             yield (group, preps), [it for p in preps if not isinstance(p, SampleError) for it in p[1]]
 
     stream = protect_encoded_stream(protection, prepared(), source, options.device, options.png_level,
-                                    max_pixels=options.max_pixels, unfitted=options.unfitted)
+                                    max_pixels=options.max_pixels, unfitted=options.unfitted,
+                                    output_format=options.output_format)
     for (group, preps), pngs in stream:
         done = iter(pngs)
         for sample, prep in zip(group, preps):
@@ -350,9 +355,11 @@ def protect_stage(protection: Protection | str | os.PathLike, options: ShardOpti
 
     ``protection`` is a `Protection` or its artifact directory. Keyword arguments override fields of
     ``options`` (``label_field="label"``, ``device="cuda"``, ``text_field="caption"``,
-    ``class_names=names``...). Skipped samples (``on_error="skip"``) are logged as warnings.
+    ``class_names=names``, ``format="webp"``...). Skipped samples (``on_error="skip"``) are logged as
+    warnings; a lossy ``format`` warns once, here (`ue_datasets.apply.images.LossyOutputWarning`).
     """
     protection, options = as_protection(protection), options.replace(**kwargs)
+    warn_if_lossy(options.output_format)
 
     def stage(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from protect_samples(protection, src, options, on_skip=lambda e: warnings.warn(f"skipped {e}"))
@@ -421,6 +428,7 @@ def protect_shards(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    engine: str | Any = "local",
 ) -> list[dict[str, Any]]:
     """Rewrite webdataset shards into ``output_dir``, one output per input, resuming finished ones.
 
@@ -433,6 +441,7 @@ def protect_shards(
         workers: processes, each rewriting whole shards.
         overwrite: redo shards completed earlier (also those written with another protection).
         progress: show progress bars on stderr.
+        engine: ``"local"``, ``"ray"`` or a `ue_datasets.apply.ray.RayEngine`: one Ray task per shard.
 
     Returns:
         The stats of every shard, in input order.
@@ -440,5 +449,6 @@ def protect_shards(
     from .sources import input_files
 
     urls, patterns = input_files(inputs, "wds")
+    warn_if_lossy(options.output_format)
     return run(protect_shard, as_protection(protection), urls, output_dir, options, workers, overwrite, progress,
-               patterns)
+               patterns, engine)

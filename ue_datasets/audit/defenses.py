@@ -1,7 +1,7 @@
 """Defences an adversary applies to a protected training set, and a parser for defence specs.
 
 Data-level defences (``jpeg``, ``grayscale``, ``bit_depth``, ``median_filter``, ``gaussian_blur``,
-``upload``) take uint8 ``(N, C, H, W)`` tensors with C = 1 or 3 on the CPU and return uint8 tensors of
+``upload``, ``publish``) take uint8 ``(N, C, H, W)`` tensors with C = 1 or 3 on the CPU and return uint8 tensors of
 the same shape. They are deterministic; the random one (``upload``) takes a ``seed`` and draws from its
 own ``numpy.random.RandomState``, never from a global generator. Parameters follow evaluation.md §1:
 
@@ -18,7 +18,13 @@ spec           what it does                                                 sour
 ``augment``    training-time random crop (zero pad) + horizontal flip       standard augment
 ``at[:E]``     PGD L-inf adversarial training, eps E/255 (default 8),       Madry / APBench
                10 steps of eps/4
+``publish:F``  encode and decode as ``protect --format F`` writes (``png``,  this package
+               ``webp``: identities; ``jpeg:Q``: JPEG at Q, 4:4:4)
 =============  ===========================================================  ==================
+
+``publish:jpeg:Q`` answers "how much protection survives if I publish as ``--format jpeg:Q``": audit a
+lossless (PNG or WebP) output with it. Unlike ``jpeg:Q`` (the adversary's JPEG, PIL's 4:2:0 default), it
+uses the writer's own encoder (`ue_datasets.apply.images.OutputFormat.encode`).
 
 `parse_defense` turns a spec into a `Defense`; `random_crop_flip` is the batch augmentation the
 trainer calls for ``augment``.
@@ -39,6 +45,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from ..apply.images import OutputFormat, image_tensor
 from ..errors import UEDatasetsError
 from .tensors import check_images
 
@@ -292,6 +299,30 @@ def upload(x: torch.Tensor, seed: int = 0, quality: int = 75) -> torch.Tensor:
     return out
 
 
+def publish(x: torch.Tensor, output_format: str | OutputFormat = "png") -> torch.Tensor:
+    """Every image as ``ue-datasets protect --format`` writes it and a reader decodes it.
+
+    Lossless formats (``png``, ``webp``) give the images back unchanged (a copy: their codecs are exact,
+    which the tests check); ``jpeg:Q`` encodes each image with `OutputFormat.encode` (quality Q, 4:4:4,
+    L or RGB) and decodes it again.
+
+    Args:
+        x: uint8 ``(N, C, H, W)``, C = 1 or 3, on the CPU.
+        output_format: an `OutputFormat` or its spec (``"jpeg:90"``).
+
+    Returns:
+        uint8 ``(N, C, H, W)``.
+    """
+    check_images(x)
+    fmt = OutputFormat.parse(output_format)
+    if fmt.lossless:
+        return x.clone()
+    out = torch.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i] = image_tensor(fmt.encode(x[i].contiguous()))
+    return out
+
+
 #: The data-level defences by spec name (each function's own keyword parameters differ).
 DATA_DEFENSES: dict[str, Callable[..., torch.Tensor]] = {
     "jpeg": jpeg,
@@ -450,6 +481,17 @@ def _upload(arg: str | None) -> Defense:
     )
 
 
+def _publish(arg: str | None) -> Defense:
+    if arg is None:
+        raise UEDatasetsError("defence 'publish' needs the output format, as publish:FORMAT "
+                              "(publish:png, publish:webp, publish:jpeg:Q)")
+    fmt = OutputFormat.parse(arg)
+    what = ("lossless, the pixels unchanged" if fmt.lossless
+            else f"JPEG quality {fmt.quality}, 4:4:4, encoded and decoded as protect writes it")
+    return Defense(f"publish:{fmt.spec}", f"published as --format {fmt.spec} ({what})",
+                   partial(_seedless, fn=publish, output_format=fmt.spec))
+
+
 def _at(arg: str | None) -> Defense:
     eps = 8.0 if arg is None else _parse_float("at", arg, 255.0)
     text = str(int(eps)) if eps.is_integer() else repr(eps)
@@ -473,6 +515,7 @@ _SPECS: dict[str, tuple[bool, Callable[[str | None], Defense]]] = {
     "upload": (True, _upload),
     "augment": (False, _augment),
     "at": (True, _at),
+    "publish": (True, _publish),
 }
 
 #: Every valid spec name, in the order of the module docstring.
@@ -480,7 +523,7 @@ DEFENSE_NAMES: tuple[str, ...] = tuple(_SPECS)
 
 _VALID = (
     "valid defences: none, jpeg[:QUALITY], grayscale, bdr[:BITS], median[:KERNEL], blur[:SIGMA], "
-    "upload[:QUALITY], augment, at[:EPS/255]"
+    "upload[:QUALITY], augment, at[:EPS/255], publish:FORMAT (png, webp, jpeg:QUALITY)"
 )
 
 
@@ -488,7 +531,8 @@ def parse_defense(spec: str) -> Defense:
     """Parse one defence spec: a name, optionally ``:PARAMETER`` (``"jpeg"``, ``"jpeg:50"``, ``"at:4"``).
 
     Names are case-insensitive and surrounding spaces are ignored. Defaults: jpeg 10, bdr 2, median 3,
-    blur 0.1, upload 75, at 8.
+    blur 0.1, upload 75, at 8; ``publish`` has none (``publish:jpeg:90``: its parameter is an output
+    format, `ue_datasets.apply.images.OutputFormat`).
 
     Raises:
         UEDatasetsError: unknown name, a parameter given to a defence without one, or a bad parameter;

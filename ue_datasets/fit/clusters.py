@@ -119,6 +119,7 @@ def fit_clusters(
     kernel_size: int = 3,
     blur: float = 0.3,
     progress: bool = True,
+    engine: Any = "local",
 ) -> Protection:
     """Fit an Unlearnable Clusters protection on the images of ``src``; no labels are read.
 
@@ -154,6 +155,8 @@ def fit_clusters(
         kernel_size, blur: size k and entry bound p_b of the ``filters`` mode's CUDA filters.
         progress: progress bars, the plan before the features stage and the stage's estimated duration
             (stderr); without, only advice when the perturbation stage looks longer than `cost.SLOW_SECONDS`.
+        engine: ``"local"``, or ``"ray"`` or a `ue_datasets.apply.ray.RayEngine`: the features pass runs one
+            Ray task per input file (`ue_datasets.fit.features`); the rest of the fit runs here.
 
     Returns:
         A `Protection` with method ``"clusters"``: tensors ``centers`` (K, D) float32, ``deltas``
@@ -199,7 +202,8 @@ def fit_clusters(
     cache = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="ue-clusters-"))
     try:
         data = extract_features(src, enc, cache / "features", resolution=R, image_field=image_field,
-                                key_field=key_field, batch_size=batch_size, limit=limit, progress=progress)
+                                key_field=key_field, batch_size=batch_size, limit=limit, progress=progress,
+                                engine=engine)
         if len(data) < clusters:
             raise UEDatasetsError(f"{src}: {len(data)} samples cannot make {clusters} clusters")
         if kmeans_mode == "full":
