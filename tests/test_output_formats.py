@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import encode, make_dataset, make_samples, protect_cli, read_tar, write_shard
 from PIL import Image, ImageCms, JpegImagePlugin
 
-from conftest import encode, make_dataset, make_samples, protect_cli, read_tar, write_shard
 from ue_datasets import SampleError, UEDatasetsError, protect, protect_batch
 from ue_datasets.apply.hf import ProtectMap, protect_dataset
 from ue_datasets.apply.images import LossyOutputWarning, OutputFormat, encode_png, image_tensor

@@ -16,16 +16,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
-
 from conftest import mixed_inputs, png_pixels, protect_cli, read_tar, to_chw, tree, write_shard
+from PIL import Image
 from test_noise import _classwise, _samplewise
+from ue_datasets.transforms import Protect
+
 from ue_datasets.apply.ray import RayEngine, RayTasksFailed
 from ue_datasets.apply.shards import ShardOptions
 from ue_datasets.apply.wds import protect_shard, protect_shards
 from ue_datasets.artifact import load_protection
 from ue_datasets.errors import SampleError
-from ue_datasets.transforms import Protect
 
 #: Stats fields that say how long a file took, or that this run found it done: the rest must match.
 TIMING = ("seconds", "resumed")
@@ -35,6 +35,8 @@ TIMING = ("seconds", "resumed")
 def ray_cluster():
     ray = pytest.importorskip("ray")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's rewrites reach the workers
+    if ray.is_initialized():  # one that an earlier test (the README's Ray Data example) started
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
