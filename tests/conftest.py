@@ -119,6 +119,17 @@ def write_shard(url: str, samples) -> str:
     return str(url)
 
 
+def restat_shard(shard: Path, samples) -> None:
+    """Rewrite ``shard`` with ``samples`` and its stats with the new size and sha256, so that only the
+    samples themselves tell the change."""
+    write_shard(str(shard), samples)
+    data = shard.read_bytes()
+    stats_file = shard.with_name(shard.stem + "_stats.json")
+    stats = json.loads(stats_file.read_text())
+    stats.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    stats_file.write_text(json.dumps(stats))
+
+
 def read_tar(url: str) -> list[dict]:
     """The samples of a tar shard, grouped by key, in order, with a list of member names in order."""
     import tarfile

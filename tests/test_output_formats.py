@@ -3,7 +3,6 @@ defences and verify on lossless and lossy outputs."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import warnings
@@ -13,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import encode, make_dataset, make_samples, protect_cli, read_tar, write_shard
+from conftest import encode, make_dataset, make_samples, protect_cli, read_tar, restat_shard, write_shard
 from PIL import Image, ImageCms, JpegImagePlugin
 
 from ue_datasets import SampleError, UEDatasetsError, protect, protect_batch
@@ -380,15 +379,6 @@ def _protect_to(tmp_path, prot, fmt: str, name: str) -> str:
     return str(out)
 
 
-def _restat(shard, samples):
-    """Rewrite ``shard`` with ``samples`` and its stats with the new size and sha256."""
-    write_shard(str(shard), samples)
-    data = shard.read_bytes()
-    stats_file = shard.with_name(shard.stem + "_stats.json")
-    stats = json.loads(stats_file.read_text())
-    stats.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    stats_file.write_text(json.dumps(stats))
-
 
 def test_verify_checks_webp_outputs_exactly(tmp_path, shards, prot):
     out = _protect_to(tmp_path, prot, "webp", "out")
@@ -399,7 +389,7 @@ def test_verify_checks_webp_outputs_exactly(tmp_path, shards, prot):
     shard = tmp_path / "out" / "shard-00.tar"
     samples, clean = read_tar(str(shard)), read_tar(shards[0])
     samples[2]["webp"] = OutputFormat.parse("webp").encode(image_tensor(clean[2]["jpg"]))
-    _restat(shard, samples)
+    restat_shard(shard, samples)
     report = verify(prot, out, str(tmp_path / "in"))
     assert not report.ok and [f.key for f in report.unprotected] == [clean[2]["__key__"]]
 
@@ -418,18 +408,18 @@ def test_verify_reports_jpeg_outputs_plainly_instead_of_failing_them(tmp_path, s
     samples, clean = read_tar(str(shard)), read_tar(shards[0])
     # another encoder's bytes (here: another quality) are reported, not failed
     samples[1]["jpg"] = OutputFormat.parse("jpeg:80").encode(image_tensor(samples[1]["jpg"]))
-    _restat(shard, samples)
+    restat_shard(shard, samples)
     report = verify(prot, out, str(tmp_path / "in"))
     assert report.ok and [f.key for f in report.approximate] == [clean[1]["__key__"]], report.summary()
     # the clean image written as JPEG is unprotected
     samples[3]["jpg"] = OutputFormat.parse("jpeg:90").encode(image_tensor(clean[3]["jpg"]))
-    _restat(shard, samples)
+    restat_shard(shard, samples)
     report = verify(prot, out, str(tmp_path / "in"))
     assert [f.key for f in report.approximate] == [clean[1]["__key__"]] and "PSNR" in report.approximate[0].reason
     assert [f.key for f in report.unprotected] == [clean[3]["__key__"]]
     assert not report.ok and report.protected == 13 and "approximate: 1 (informational" in report.summary()
     samples[3] = {**samples[3], "jpg": OutputFormat.parse("jpeg:90").encode(torch.zeros((3, 5, 5), dtype=torch.uint8))}
-    _restat(shard, samples)
+    restat_shard(shard, samples)
     assert [f.key for f in verify(prot, out, str(tmp_path / "in")).tampered] == [clean[3]["__key__"]]
 
 
@@ -438,7 +428,7 @@ def test_verify_checks_every_other_field_of_jpeg_outputs(tmp_path, shards, prot)
     shard = tmp_path / "out" / "shard-00.tar"
     samples = read_tar(str(shard))
     samples[0]["cls"] = b"9" if samples[0]["cls"] != b"9" else b"8"
-    _restat(shard, samples)
+    restat_shard(shard, samples)
     report = verify(prot, out, str(tmp_path / "in"))
     assert [f.reason for f in report.tampered] == ["label differs from the clean source"]
 

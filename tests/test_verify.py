@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
@@ -10,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import decode_display, encode, make_dataset, make_samples, protect_cli, read_tar, write_shard
+from conftest import (
+    decode_display, encode, make_dataset, make_samples, protect_cli, read_tar, restat_shard, write_shard,
+)
 from ue_datasets import UEDatasetsError, fit_convolution
 from ue_datasets.apply.verify import verify
 
@@ -28,16 +29,6 @@ def _replace(shard, key, field, data):
     next(s for s in samples if s["__key__"] == key)[field] = data
     write_shard(str(shard), samples)
 
-
-def _restat(shard, samples):
-    """Rewrite ``shard`` with ``samples`` and its stats with the new size and sha256, so that only the
-    samples themselves tell the change."""
-    write_shard(str(shard), samples)
-    data = shard.read_bytes()
-    stats_file = shard.with_name(shard.stem + "_stats.json")
-    stats = json.loads(stats_file.read_text())
-    stats.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    stats_file.write_text(json.dumps(stats))
 
 
 def _parquet(path, n=4):
@@ -100,7 +91,7 @@ def test_verify_reports_clean_samples_the_output_lacks_as_absent_unless_its_stat
     report = verify(prot, str(tmp_path / "out"), str(tmp_path / "in"))
     assert [(f.file, f.key) for f in report.missing] == [("a.tar", "s000_00001")] and report.ok, report.summary()
     assert "skipped at protect time" in report.missing[0].reason
-    _restat(tmp_path / "out" / "a.tar", read_tar(str(tmp_path / "out" / "a.tar"))[1:])
+    restat_shard(tmp_path / "out" / "a.tar", read_tar(str(tmp_path / "out" / "a.tar"))[1:])
     (tmp_path / "out" / "b.tar").unlink()
     (tmp_path / "out" / "b_stats.json").unlink()
     report = verify(prot, str(tmp_path / "out"), str(tmp_path / "in"))
@@ -244,7 +235,7 @@ def test_verify_checks_every_image_field_of_a_shard_sample_under_its_protected_n
     samples = read_tar(str(shard))
     assert {"png", "jpg.png", "mask.png"} <= set(samples[0])
     samples[1]["png"] = read_tar(str(tmp_path / "in" / "a.tar"))[1]["png"]
-    _restat(shard, samples)
+    restat_shard(shard, samples)
     report = verify(prot, str(tmp_path / "out"), str(tmp_path / "in"))
     assert [(f.key, f.reason) for f in report.unprotected] == [
         ("s000_00001", "image 'png': the published image is the clean image")]
@@ -261,7 +252,7 @@ def test_verify_takes_kept_fields_and_the_clean_image_field_as_protect_did(tmp_p
     assert verify(prot, str(tmp_path / "out"), str(tmp_path / "in")).unprotected  # the mask, unless kept
     samples = read_tar(str(shard))
     samples[2]["mask.png"] = encode(Image.new("L", (8, 8)))
-    _restat(shard, samples)
+    restat_shard(shard, samples)
     report = verify(prot, str(tmp_path / "out"), str(tmp_path / "in"), keep_fields=["mask.png"])
     assert [(f.key, f.reason) for f in report.tampered] == [
         ("s000_00002", "field 'mask.png' differs from the clean source")]
@@ -271,7 +262,7 @@ def test_verify_reports_a_label_or_field_that_differs_from_the_clean_source(tmp_
     samples = read_tar(str(out / "shard-00.tar"))
     samples[0]["cls"] = str((int(samples[0]["cls"]) + 1) % 10).encode()
     samples[1]["txt"] = b"another caption\n"
-    _restat(out / "shard-00.tar", samples)
+    restat_shard(out / "shard-00.tar", samples)
     report = verify(prot, str(out), str(tmp_path / "in"))
     assert [(f.key, f.reason) for f in report.tampered] == [
         ("s000_00000", "label differs from the clean source"), ("s000_00001", "field 'txt' differs from the clean source")]

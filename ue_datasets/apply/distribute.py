@@ -121,12 +121,13 @@ def processes(workers: int) -> Distributor:
     return distribute
 
 
-def distributor_for(engine: Any, workers: int) -> Distributor:
-    """The distributor of an engine: ``"local"`` (`serial`, or `processes` with ``workers > 1``),
+def distributor_for(engine: Any, workers: int, files: int | None = None) -> Distributor:
+    """The distributor of an engine for ``files`` files (``None``: not known yet): ``"local"`` (`serial`,
+    or `processes` with ``workers > 1`` and more than one file),
     ``"ray"`` or a `ue_datasets.apply.ray.RayEngine` (fails at once, with the install command, when
     ray is not installed)."""
     if engine == "local":
-        return serial if workers <= 1 else processes(workers)
+        return serial if workers <= 1 or (files is not None and files <= 1) else processes(workers)
     from .ray import RayEngine, ray_tasks
 
     if engine == "ray":

@@ -53,7 +53,7 @@ from .images import (
     lossy_warned,
     warn_if_lossy,
 )
-from .rows import RowOptions, check_columns, protect_rows
+from .rows import RowOptions, protect_rows
 from .texts import TextSource
 
 #: The process that imported this module; a forked child inherits it, a spawned one imports anew.
@@ -209,11 +209,10 @@ class ProtectMap:
 
     def __call__(self, batch: dict[str, list], indices: list[int] | None = None, rank: int | None = None) -> dict:
         _single_thread_if_forked()
-        options = self.row_options()
-        check_columns(self.protection, list(batch), options)
+        keep, encoded = protect_rows(self.protection, batch, lambda n: self._keys(batch, indices, n),
+                                     self.row_options(), self._device(rank), self.skipped, self.unprotected,
+                                     self.warn_skipped)
         n = len(batch[self.image_column])
-        keep, encoded = protect_rows(self.protection, batch, self._keys(batch, indices, n), options, self._device(rank),
-                                     self.skipped, self.unprotected, self.warn_skipped)
         out = {col: [values[i] for i in keep] for col, values in batch.items()} if len(keep) < n else dict(batch)
         out[self.image_column] = [b if self.as_bytes else {"bytes": b, "path": None} for b in encoded]
         return out

@@ -306,8 +306,8 @@ class ProtectBatches:
         def class_id(value: Any) -> Any:
             return label_of({label: value}, label) if isinstance(value, (bytes, bytearray, str)) else value
 
-        keep, encoded = protect_rows(self.protection, batch, self._keys(batch, n), options, self.device,
-                                     self.skipped, self.unprotected, warn_skipped=True, label=class_id)
+        keep, encoded = protect_rows(self.protection, batch, lambda rows: self._keys(batch, rows), options,
+                                     self.device, self.skipped, self.unprotected, warn_skipped=True, label=class_id)
         rows = np.asarray(keep, dtype=np.int64)
         out = {c: np.asarray(v)[rows] if len(keep) < n else v for c, v in batch.items() if c != image}
         cells = np.empty(len(encoded), dtype=object)

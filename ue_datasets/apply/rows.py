@@ -77,7 +77,7 @@ def check_columns(protection: Protection, columns: Sequence[str], options: RowOp
 def protect_rows(
     protection: Protection,
     batch: dict[str, Sequence[Any]],
-    keys: Sequence[str],
+    keys_of: Callable[[int], Sequence[str]],
     options: RowOptions,
     device: str,
     skipped: list[dict[str, str]],
@@ -89,7 +89,8 @@ def protect_rows(
 
     Args:
         batch: columns of equal length; image cells as `cell_image` reads them.
-        keys: each row's stable key (for partial and sample-wise protections, and messages).
+        keys_of: ``keys_of(n)`` gives each of the ``n`` rows' stable key (for partial and sample-wise
+            protections, and messages); asked once the columns are checked.
         options: the columns and the error policy.
         device: where the tensor core runs.
         skipped: with ``on_error="skip"``, each skipped row is appended (source, key, reason).
@@ -106,6 +107,7 @@ def protect_rows(
     texts = check_columns(protection, list(batch), options)
     images = batch[options.image_column]
     n = len(images)
+    keys = keys_of(n)
     labelled = needs_labels(protection)
     scanned = [c for c in (batch if options.scan_columns is None else options.scan_columns)
                if c in batch and c != options.image_column and c not in options.keep_columns]

@@ -340,7 +340,7 @@ def run(
         UEDatasetsError: an output aliases an input, is not this package's, or was completed with
             another protection (unless ``overwrite``); with Ray, files whose tasks failed (all named).
     """
-    distributor = distributor_for(engine, workers)
+    distributor_for(engine, workers)  # fails at once, before any work, when the engine cannot run
     pairs = plan(inputs, output_dir, patterns)
     fs, out_path = fsspec.core.url_to_fs(output_dir)
     if fs.exists(out_path) and not fs.isdir(out_path):
@@ -353,13 +353,12 @@ def run(
         raise output_error(output_dir, e) from None
     results: dict[int, dict[str, Any]] = {}
     pending = list(range(len(pairs)))
+    distributor = distributor_for(engine, workers, len(pairs))
     bar = progress_bar(total=len(pairs), unit="file", desc="protect", disable=not progress)
     told = False
     try:
         while pending:
             busy: list[int] = []
-            if len(pending) <= 1 and distributor is not serial and engine == "local":
-                distributor = serial
             jobs = [(i, *pairs[i]) for i in pending]
             for i, outcome in distributor(rewrite, protection, jobs, options, overwrite, progress):
                 if isinstance(outcome, OutputBusy):

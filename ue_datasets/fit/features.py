@@ -212,8 +212,8 @@ def _extract_on_ray(src: str, encoder, directory: Path, expected: dict, resoluti
         raise UEDatasetsError(f"{src}: on Ray, features are computed file by file (shards or parquet files); "
                               "embed a dataset directory locally")
     _check_manifest(directory, expected)
-    for part in directory.glob("part-*.safetensors"):  # of input files since removed
-        if int(part.stem.split("-")[1]) >= len(source.urls):
+    for part in directory.glob("part-[0-9][0-9][0-9][0-9][0-9].safetensors"):  # of input files since removed
+        if int(part.stem.removeprefix("part-")) >= len(source.urls):
             part.unlink()
     todo: dict[int, str] = {}
     identities = {}
