@@ -46,9 +46,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
-from bench_apply import (  # recipes/, beside this script
-    INPUT_PNG_LEVEL, environment, interleaved, make_images, ratio, read_pixels, summary, write_shards,
-)
+from bench_apply import INPUT_PNG_LEVEL, make_images, read_pixels, write_shards  # recipes/, beside this script
+from bench_timing import environment, interleaved, ratio, summary
 from fashion_mnist import DEFAULT_ROOT, load
 from ue_datasets import fit_convolution, protect_batch
 from ue_datasets.apply.core import identity_protection

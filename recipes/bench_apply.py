@@ -1,7 +1,7 @@
 """Benchmark of stage 3 (apply) on real Fashion-MNIST images, on CPU, contenders measured side by side.
 
     python recipes/bench_apply.py [--root /usr/share/datasets/fashion-mnist] [--repeats 5]
-                                  [--quick] [--threads N] [--shard-batch 64] [--json PATH]
+                                  [--quick] [--threads N] [--shard-batch 256] [--only 1,2,3,4,5] [--json PATH]
 
 Two image sizes, both from the real Fashion-MNIST test split:
 
@@ -9,7 +9,8 @@ Two image sizes, both from the real Fashion-MNIST test split:
   RGB, as training pipelines carry them;
 * ``28``: the native 28x28 grayscale (L) images.
 
-Two measurements, each through the library's own public functions (no re-implementation):
+Five measurements, each through the library's own public functions (no re-implementation); 3 to 5
+are in ``recipes/bench_scale.py``, whose docstring describes them:
 
 1. Shard to shard: `ue_datasets.apply.wds.protect_shards` with a fitted CUDA protection
    (``fit_convolution(10, key=0)``) against the same call with ``identity_protection()``, the floor:
@@ -17,15 +18,23 @@ Two measurements, each through the library's own public functions (no re-impleme
    is webdataset shards (fields ``png`` + ``cls``) written with `write_samples` from the real images,
    PNG-encoded; ``ShardOptions(device="cpu", batch_size=--shard-batch)``, ``workers=1``,
    ``overwrite=True``, ``progress=False``. Reported: seconds, images/s, and protect/floor (target
-   <= 1.15). Before timing, the protected shards are checked to hold, byte for byte, the pixels
-   `protect_batch` gives for the same images, and the floor's the input pixels.
+   <= 1.10). Before timing, the protected shards are checked to hold, byte for byte, the pixels
+   `protect_batch` gives for the same images, and the floor's the input pixels. Where the time goes:
+   the tensor core alone on the same decoded images in memory, as the rewriter runs it (batches of
+   ``--shard-batch``, one intra-op thread), against the floor.
 2. In memory: one ``protect_batch(protection, x uint8 (B, C, H, W), labels)`` call against a Python
    loop calling ``Protect(protection)(image, int(label))`` on each of the same B images (B = 256):
    with the ``(C, H, W)`` uint8 tensors ``x[i]`` (contiguous), with PIL images (what a ``Dataset``
    transform gets), and with the ``(C, H, W)`` views that ``pil_to_tensor`` (like torchvision's
    ``PILToTensor``/``ToImage``) returns, whose strides are those of the HWC array. Reported: images/s
    and the speed-up batch/loop (target >= 10x at B = 256, against the contiguous-tensor loop). Before
-   timing, every per-sample result is asserted equal to the batched result byte for byte.
+   timing, every per-sample result is asserted equal to the batched result byte for byte. Since the
+   CPU filter runs in the fused kernel, one image at a time, the per-sample loop is fast too, so at
+   224x224, where the pixel work dominates, batching gains only a few times over it.
+3. The fused CPU kernel against the torch passes, in memory (target >= 5,000 images/s at 224x224x3).
+4. Output bytes / input bytes and images/s of ``--format png|webp|jpeg:95|jpeg:90`` on JPEG-q90 input
+   shards at 224x224 and 512x512 (photo crops and upsampled Fashion-MNIST).
+5. The Ray engine against the local engine on the same shards, on one machine (skipped without ray).
 
 The machine is assumed noisy: every repeat runs all contenders of a measurement back to back, in an
 order that alternates between repeats, after one untimed warm-up round; the figures are medians over
@@ -34,7 +43,7 @@ and their ratio are printed too (``best``), as a check on bursts of load from ot
 to a temporary directory that is removed at the end. torch's intra-op thread count is left at its
 default unless ``--threads`` sets it (printed either way).
 
-A full default run takes about 1.5 minutes on 2 CPU cores; ``--quick`` is a smoke run of about 10 s.
+A full default run takes about 4 minutes on 2 CPU cores; ``--quick`` is a smoke run of about 40 s.
 """
 
 from __future__ import annotations
@@ -42,60 +51,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
-import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import PIL
 import torch
 from PIL import Image
 
-import ue_datasets
-from fashion_mnist import DEFAULT_ROOT, load, write_png_shards  # recipes/fashion_mnist.py, beside this script
+import bench_scale  # recipes/, beside this script
+from bench_timing import environment, interleaved, mark, print_ratio, print_times, ratio, summary
+from fashion_mnist import DEFAULT_ROOT, load, write_image_shards
 from ue_datasets import fit_convolution, protect_batch
 from ue_datasets.apply.core import identity_protection
+from ue_datasets.apply.distribute import core_threads
 from ue_datasets.apply.images import decode, pil_to_tensor
-from ue_datasets.apply.shards import ShardOptions
+from ue_datasets.apply.shards import DEFAULT_BATCH_SIZE, ShardOptions
 from ue_datasets.apply.wds import protect_shards, read_samples
 from ue_datasets.transforms import Protect
 
-SHARD_TARGET = 1.15  # protect / floor, at most
+SHARD_TARGET = 1.10  # protect / floor, at most
 SPEEDUP_TARGET = 10.0  # batched / per-sample loop, at least
 INPUT_PNG_LEVEL = 6  # PIL's default: what a typical shard writer leaves
 
 
 # --------------------------------------------------------------------------- environment and data
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def environment() -> dict:
-    return {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "pillow": PIL.__version__,
-        "numpy": np.__version__,
-        "ue_datasets": ue_datasets.__version__,
-    }
 
 
 def make_images(gray: np.ndarray, size: int) -> list[Image.Image]:
@@ -112,7 +92,7 @@ def make_images(gray: np.ndarray, size: int) -> list[Image.Image]:
 def write_shards(images: list[Image.Image], labels: np.ndarray, per_shard: int, folder: Path) -> list[str]:
     """webdataset shards of ``KEY.png`` + ``KEY.cls`` written with the library's `write_samples`."""
     keys = [f"fmnist-{i:06d}" for i in range(len(images))]
-    return write_png_shards(images, labels, keys, folder, "shard-{:05d}.tar", per_shard, INPUT_PNG_LEVEL)
+    return write_image_shards(images, labels, keys, folder, "shard-{:05d}.tar", per_shard, INPUT_PNG_LEVEL)
 
 
 def read_pixels(urls: list[str]) -> tuple[list[str], list[torch.Tensor]]:
@@ -124,39 +104,6 @@ def read_pixels(urls: list[str]) -> tuple[list[str], list[torch.Tensor]]:
                 keys.append(s["__key__"])
                 pixels.append(pil_to_tensor(decode(s["png"])))
     return keys, pixels
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each contender per repeat; one untimed warm-up round, order alternating per repeat."""
-    names = list(contenders)
-    for name in names:
-        contenders[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            start = time.perf_counter()
-            contenders[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def ratio(num: list[float], den: list[float]) -> dict:
-    """``median``: median of the paired per-repeat ratios; ``best``: fastest over fastest."""
-    paired = [a / b for a, b in zip(num, den)]
-    return {"median": statistics.median(paired), "best": min(num) / min(den), "paired": paired}
-
-
-def summary(times: list[float], n: int) -> dict:
-    med = statistics.median(times)
-    return {"seconds": times, "median_s": med, "best_s": min(times), "images_per_s": n / med}
-
-
-def spread(values: list[float]) -> str:
-    return f"[{min(values):.3g}..{max(values):.3g}]"
 
 
 # --------------------------------------------------------------------------- measurement 1: shards
@@ -188,6 +135,17 @@ def bench_shards(protection, gray, labels, size, n, per_shard, batch, repeats, t
     assert all(torch.equal(a, b) for a, b in zip(floored, original)), "identity shards changed pixels"
     assert not all(torch.equal(a, b) for a, b in zip(protected, original)), "protection changed nothing"
 
+    # Where the time goes: the tensor core alone, as the rewriter runs it (batches of `batch`, one intra-op
+    # thread), on the decoded images in memory. On 2 cores shared with the codecs, protect / floor cannot
+    # go much below 1 + core / floor.
+    x, y = torch.stack(original), torch.as_tensor(labels[:n], dtype=torch.int64)
+
+    def core():
+        with core_threads("cpu"):
+            for s in range(0, n, batch):
+                protect_batch(protection, x[s : s + batch], y[s : s + batch])
+
+    contenders["core"] = core
     times = interleaved(contenders, repeats)
     r = ratio(times["protect"], times["floor"])
     return {
@@ -199,7 +157,9 @@ def bench_shards(protection, gray, labels, size, n, per_shard, batch, repeats, t
         "batch_size": batch,
         "protect": summary(times["protect"], n),
         "floor": summary(times["floor"], n),
+        "core": summary(times["core"], n),
         "protect_over_floor": r,
+        "core_over_floor": ratio(times["core"], times["floor"]),
         "target_max": SHARD_TARGET,
         "meets_target": r["median"] <= SHARD_TARGET,
     }
@@ -253,28 +213,16 @@ def bench_batch(protection, gray, labels, size, batch, repeats) -> dict:
 # --------------------------------------------------------------------------- report
 
 
-def mark(ok: bool) -> str:
-    return "ok" if ok else "MISSED"
-
-
-def print_times(title: str, s: dict) -> None:
-    runs = "..".join(f"{1e3 * t:.4g}" for t in (min(s["seconds"]), max(s["seconds"])))
-    print(f"    {title:20s} {1e3 * s['median_s']:10.2f} ms  {s['images_per_s']:9.1f} img/s   "
-          f"best {1e3 * s['best_s']:.4g} ms   runs [{runs}] ms")
-
-
-def print_ratio(title: str, r: dict, target: str = "") -> None:
-    print(f"    {title:20s} {r['median']:8.2f}x {target}  best/best {r['best']:.2f}x   paired {spread(r['paired'])}")
-
-
 def print_shards(r: dict) -> None:
     label = f"{r['size']}x{r['size']}x{r['channels']}"
     print(f"\n[1] protect_shards, {label}: {r['images']} images in {r['shards']} shards "
           f"({r['input_bytes'] / 2**20:.1f} MiB), batch_size {r['batch_size']}, device cpu, workers 1")
     print_times("protect (CUDA)", r["protect"])
     print_times("floor (identity)", r["floor"])
+    print_times("core alone, 1 thread", r["core"])
     target = f"(target <= {r['target_max']}: {mark(r['meets_target'])})"
     print_ratio("protect / floor", r["protect_over_floor"], target)
+    print_ratio("core / floor", r["core_over_floor"], "(the core's share: 1 + this, without overlap)")
 
 
 def print_batch(r: dict) -> None:
@@ -297,18 +245,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (default 5)")
     ap.add_argument("--quick", action="store_true", help="small sizes and 2 repeats: a smoke run")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads(N) first (default: torch's default)")
-    ap.add_argument("--shard-batch", type=int, default=64, help="ShardOptions.batch_size (default 64, the CLI's)")
+    ap.add_argument("--shard-batch", type=int, default=DEFAULT_BATCH_SIZE,
+                    help=f"ShardOptions.batch_size (default {DEFAULT_BATCH_SIZE}, the CLI's)")
+    ap.add_argument("--only", default="1,2,3,4,5", help="comma list of the measurements to run (default all)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    only = set(args.only.split(","))
+    if not only <= {"1", "2", "3", "4", "5"}:
+        ap.error(f"--only takes measurement numbers 1 to 5, got {args.only!r}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     repeats = min(args.repeats, 2) if args.quick else args.repeats
-    # (size, images, images per shard) for measurement 1; batch of measurement 2.
+    # (size, images, images per shard) for measurement 1; batch of measurements 2 and 3; (size, images)
+    # for 4; (files, images per file) for 5.
     shard_plan = [(224, 64, 32), (28, 512, 128)] if args.quick else [(224, 1024, 512), (28, 8192, 4096)]
     batch = 32 if args.quick else 256
+    format_plan = [(224, 16), (512, 8)] if args.quick else [(224, 256), (512, 96)]
+    ray_files, ray_per_file = (4, 8) if args.quick else (4, 128)
 
     env = environment()
     print("ue-datasets apply benchmark")
@@ -327,16 +283,32 @@ def main() -> None:
           f"(fit_convolution(10, key=0): kernel {protection.params['kernel_size']}, blur {protection.params['blur']})")
 
     started = time.perf_counter()
-    results: dict = {"environment": env, "repeats": repeats, "quick": args.quick, "shards": [], "batch": []}
+    results: dict = {"environment": env, "repeats": repeats, "quick": args.quick, "shards": [], "batch": [],
+                     "formats": []}
     with tempfile.TemporaryDirectory(prefix="ue-bench-apply-") as tmp:
-        for size, n, per_shard in shard_plan:
+        for size, n, per_shard in shard_plan if "1" in only else ():
             r = bench_shards(protection, gray, labels, size, n, per_shard, args.shard_batch, repeats, Path(tmp))
             results["shards"].append(r)
             print_shards(r)
-    for size in (224, 28):
-        r = bench_batch(protection, gray, labels, size, batch, repeats)
-        results["batch"].append(r)
-        print_batch(r)
+        for size in (224, 28) if "2" in only else ():
+            r = bench_batch(protection, gray, labels, size, batch, repeats)
+            results["batch"].append(r)
+            print_batch(r)
+        if "3" in only:
+            results["kernel"] = bench_scale.bench_kernel(protection, make_images(gray[:batch], 224), labels, repeats)
+            bench_scale.print_kernel(results["kernel"])
+        for size, n in format_plan if "4" in only else ():
+            sources = {"photo crops": bench_scale.photo_crops(size, n), "Fashion-MNIST": make_images(gray[:n], size)}
+            for source, images in sources.items():
+                results["formats"].append(bench_scale.bench_formats(protection, source, images, labels,
+                                                                    args.shard_batch, repeats, Path(tmp)))
+        if results["formats"]:
+            bench_scale.print_formats(results["formats"])
+        if "5" in only:
+            n = ray_files * ray_per_file
+            urls = write_shards(make_images(gray[:n], 224), labels[:n], ray_per_file, Path(tmp) / "in-ray")
+            results["ray"] = bench_scale.bench_ray(protection, urls, n, args.shard_batch, repeats, Path(tmp))
+            bench_scale.print_ray(results["ray"])
     results["total_seconds"] = time.perf_counter() - started
     print(f"\ntotal {results['total_seconds']:.0f} s")
 

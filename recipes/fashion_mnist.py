@@ -44,18 +44,25 @@ def load(split: str = "train", root: str | Path = DEFAULT_ROOT) -> tuple[np.ndar
     )
 
 
-def write_png_shards(images: Sequence[Image.Image], labels: Sequence[int], keys: Sequence[str], folder: Path,
-                     name: str, per_shard: int, png_level: int = 1, texts: Sequence[str] | None = None) -> list[str]:
+def write_image_shards(images: Sequence[Image.Image], labels: Sequence[int], keys: Sequence[str], folder: Path,
+                     name: str, per_shard: int, png_level: int = 1, texts: Sequence[str] | None = None,
+                     jpeg_quality: int | None = None) -> list[str]:
     """Write webdataset shards of ``KEY.png`` + ``KEY.cls`` (+ ``KEY.txt`` captions when ``texts``) into
-    ``folder``; ``name`` formats the shard number (``"train-{:03d}.tar"``). Returns the shard paths in order."""
+    ``folder``; ``name`` formats the shard number (``"train-{:03d}.tar"``). With ``jpeg_quality``, the
+    images are ``KEY.jpg`` at that quality (PIL's defaults otherwise: 4:2:0), as cameras and scrapers
+    leave them. Returns the shard paths in order."""
     folder.mkdir(parents=True, exist_ok=True)
     urls = []
     for n, start in enumerate(range(0, len(images), per_shard)):
         samples = []
         for i in range(start, min(start + per_shard, len(images))):
             buf = io.BytesIO()
-            images[i].save(buf, format="PNG", compress_level=png_level)
-            samples.append({"__key__": keys[i], "png": buf.getvalue(), "cls": str(int(labels[i])).encode()})
+            if jpeg_quality is None:
+                images[i].save(buf, format="PNG", compress_level=png_level)
+            else:
+                images[i].save(buf, format="JPEG", quality=jpeg_quality)
+            field = "png" if jpeg_quality is None else "jpg"
+            samples.append({"__key__": keys[i], field: buf.getvalue(), "cls": str(int(labels[i])).encode()})
             if texts is not None:
                 samples[-1]["txt"] = texts[i].encode()
         path = folder / name.format(n)
@@ -76,5 +83,5 @@ def write_shards(images: np.ndarray, labels: np.ndarray, index: np.ndarray, fold
     ``caption(label, key) -> str``, each sample also gets a ``txt`` caption."""
     keys = [f"{prefix}-{i:05d}" for i in index]
     texts = None if caption is None else [caption(int(labels[i]), k) for i, k in zip(index, keys)]
-    return write_png_shards([Image.fromarray(images[i], "L") for i in index], labels[index], keys, folder,
+    return write_image_shards([Image.fromarray(images[i], "L") for i in index], labels[index], keys, folder,
                             prefix + "-{:03d}.tar", per_shard, texts=texts)
