@@ -82,6 +82,22 @@ def test_fused_filter_equals_torch_passes_for_weights_that_leave_0_255(kind):
         assert torch.equal(got, ref), (c, k, gray, quantize)
 
 
+def test_only_finite_nonnegative_weights_with_a_bounded_sum_skip_the_casts_range_check():
+    """CUDA's filters take the plain path (no NaN, no cast out of 0..255); weights at and past its bounds
+    take the checked one, and both give the torch passes' bytes (past the bound, 255 * w overflows)."""
+    assert all(ff._plain(f.numpy()) for f in _filters(3, n=8)[::2])
+    cases = {"large": (1e29, True), "sum past the bound": (2e30, False), "overflowing products": (1e37, False),
+             "one negative": (-1e-3, False), "nan": (float("nan"), False)}
+    x = _images(3, 9, 13)
+    for name, (value, plain) in cases.items():
+        f = torch.full((7, 3, 3), 1e28)
+        f[:, 1, 1] = value
+        assert ff._plain(f[0].numpy()) is plain, name
+        for gray, quantize in itertools.product((False, True), ("truncate", "round")):
+            ref, got = _both(x, f, gray, quantize)
+            assert torch.equal(got, ref), (name, gray, quantize)
+
+
 def test_torch_cpu_channel_mean_is_the_float32_sum_in_channel_order_divided_by_three():
     """What the kernel reproduces: ``z.mean(dim=1)`` over 3 float32 channels is ``((z0 + z1) + z2) / 3``,
     rounded at each step in float32; the other orders, ``* (1/3)`` and float64 all differ somewhere."""

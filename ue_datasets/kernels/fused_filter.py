@@ -18,7 +18,9 @@ output pixel, one image at a time, so an image and its float32 buffer stay in ca
   normal number (``clamp_min``);
 - ``z / peak`` (an IEEE division), ``* 255``, ``+ 0.5`` with ``round_half_up``: each rounded to float32;
 - the cast to uint8 as torch does it on x86: truncation to int32 (NaN and out-of-range values give
-  ``INT32_MIN``), then the low byte. Only negative, infinite or NaN weights ever leave ``[0, 255.5]``.
+  ``INT32_MIN``), then the low byte. Only negative, infinite or NaN weights ever leave ``[0, 255.5]``:
+  for finite nonnegative weights with a bounded sum (`_plain`; CUDA's filters are such) the kernel
+  skips the range check, which costs about a tenth of its time otherwise.
 
 Hence the bytes are those of the torch passes, bit for bit, for every input. The kernel releases the
 GIL: `filter_images` here splits a batch into blocks of whole images, a few per thread, which the
@@ -60,6 +62,25 @@ def _jit(fn):
         return njit(nogil=True, cache=True)(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available"
         return njit(nogil=True)(fn)
+
+
+#: Nonnegative weights that sum to at most this filter an image to values in [0, about 255e30]: finite,
+#: so never NaN, and the quotients by their max are in [0, 1] (`_fused_filter` then skips the cast's
+#: range check).
+_PLAIN_SUM = _f32(1e30)
+
+
+@_jit
+def _plain(wts):  # pragma: no cover (compiled)
+    """Whether the weights are finite, nonnegative and sum to at most `_PLAIN_SUM` (CUDA's filters do)."""
+    total = _ZERO
+    for i in range(wts.shape[0]):
+        for j in range(wts.shape[1]):
+            v = wts[i, j]
+            if not (v >= _ZERO and v <= _PLAIN_SUM):  # NaN fails too
+                return False
+            total = total + v
+    return total <= _PLAIN_SUM
 
 
 @_jit
@@ -135,11 +156,15 @@ def _fused_filter(x, filters, out, grayscale, round_half_up):  # pragma: no cove
     z = np.empty((planes, h, w), np.float32)  # the filtered image (its channel mean with gray)
     ring = np.empty((c, k, w), np.float32)  # per channel, source rows y - p .. y + p as float32
     acc = np.empty((c, w), np.float32)  # with gray, the filtered row of each channel
-    col_max = np.empty(w, np.float32)  # running max per column: elementwise, so it vectorises
+    # Running max per column, read from one row and written to the other (elementwise, so it
+    # vectorises; writing back to the row just read would compile to slow masked stores on AMD CPUs).
+    col_max = np.empty((2, w), np.float32)
     for b in range(n):
         wts = filters[b]
+        plain = _plain(wts)
         for t in range(w):
-            col_max[t] = _NEG_INF
+            col_max[0, t] = _NEG_INF
+        last = 0
         for y in range(h):
             for ch in range(c):
                 for sy in range(0 if y == 0 else y + p, min(h, y + p + 1)):
@@ -156,30 +181,32 @@ def _fused_filter(x, filters, out, grayscale, round_half_up):  # pragma: no cove
                 for t in range(w):
                     zr[t] = ((a0[t] + a1[t]) + a2[t]) / _THREE
             for ch in range(planes):
-                zr = z[ch, y]
+                zr, seen, dst = z[ch, y], col_max[last], col_max[1 - last]
+                last = 1 - last
                 for t in range(w):
-                    v = zr[t]
+                    v, m = zr[t], seen[t]
                     # NaN wins, as in amax: once in, no comparison replaces it.
-                    col_max[t] = v if (v > col_max[t] or math.isnan(v)) else col_max[t]
-        peak = col_max[0]
+                    dst[t] = v if (v > m or math.isnan(v)) else m
+        peak = col_max[last, 0]
         for t in range(1, w):
-            v = col_max[t]
+            v = col_max[last, t]
             peak = v if (v > peak or math.isnan(v)) else peak
         if not (peak >= _TINY or math.isnan(peak)):  # clamp_min(tiny), which keeps a NaN
             peak = _TINY
+        half = _HALF if round_half_up else _ZERO  # v + 0 == v for every v here but -0 (no byte differs)
         for ch in range(planes):
             for y in range(h):
                 zr, orow = z[ch, y], out[b, ch, y]
-                for t in range(w):
-                    v = zr[t] / peak * _SCALE
-                    if round_half_up:
-                        v = v + _HALF
-                    # float32 -> uint8 as torch casts on x86: int32 truncation (NaN and values out of
-                    # int32's range give INT32_MIN, whose low byte is 0), then the low byte.
-                    if v >= _INT_LO and v < _INT_HI:
+                if plain:  # 0 <= z <= peak: the quotient is in [0, 1], v in [0, 255.5]
+                    for t in range(w):
+                        orow[t] = np.uint8(np.int32(zr[t] / peak * _SCALE + half))
+                else:
+                    for t in range(w):
+                        v = zr[t] / peak * _SCALE + half
+                        # float32 -> uint8 as torch casts on x86: int32 truncation (NaN and values out
+                        # of int32's range give INT32_MIN, whose low byte is 0), then the low byte.
+                        v = v if (v >= _INT_LO and v < _INT_HI) else _INT_LO
                         orow[t] = np.uint8(np.int32(v) & 255)
-                    else:
-                        orow[t] = np.uint8(0)
                 if gray:  # every channel is the mean's
                     for other in range(1, c):
                         dst = out[b, other, y]
