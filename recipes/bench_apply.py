@@ -135,15 +135,16 @@ def bench_shards(protection, gray, labels, size, n, per_shard, batch, repeats, t
     assert all(torch.equal(a, b) for a, b in zip(floored, original)), "identity shards changed pixels"
     assert not all(torch.equal(a, b) for a, b in zip(protected, original)), "protection changed nothing"
 
-    # Where the time goes: the tensor core alone, as the rewriter runs it (batches of `batch`, one intra-op
-    # thread), on the decoded images in memory. On 2 cores shared with the codecs, protect / floor cannot
-    # go much below 1 + core / floor.
-    x, y = torch.stack(original), torch.as_tensor(labels[:n], dtype=torch.int64)
+    # Where the time goes: the tensor core alone, as the rewriter runs it (lists of `batch` decoded images,
+    # which lie as (H, W, C) arrays, one intra-op thread), in memory. It shares the 2 cores with the
+    # codecs, so it adds about core / floor / 2 to protect / floor where it overlaps them, core / floor
+    # where it does not.
+    y = torch.as_tensor(labels[:n], dtype=torch.int64)
 
     def core():
         with core_threads("cpu"):
             for s in range(0, n, batch):
-                protect_batch(protection, x[s : s + batch], y[s : s + batch])
+                protect_batch(protection, original[s : s + batch], y[s : s + batch])
 
     contenders["core"] = core
     times = interleaved(contenders, repeats)

@@ -43,8 +43,13 @@ def _filters(k: int, n: int = 7, seed: int = 0) -> torch.Tensor:
 
 
 def _both(x, f, gray, quantize):
+    """The torch passes on ``x`` and the fused kernel on ``x`` and on its channels-last copy (read and
+    written interleaved); the two fused outputs must be the same bytes."""
     assert conv._use_fused(x, f, gray)
-    return conv._filter_passes(x, f, gray, quantize), conv.filter_images(x, f, gray, quantize)
+    got = conv.filter_images(x, f, gray, quantize)
+    interleaved = conv.filter_images(x.contiguous(memory_format=torch.channels_last), f, gray, quantize)
+    assert torch.equal(interleaved, got)
+    return conv._filter_passes(x, f, gray, quantize), got
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -52,7 +57,7 @@ def _both(x, f, gray, quantize):
 @pytest.mark.parametrize("gray", [False, True], ids=["rgb", "gray"])
 @pytest.mark.parametrize("k", [1, 3, 5, 7])
 @pytest.mark.parametrize("c", [1, 3])
-def test_fused_filter_equals_torch_passes_bit_for_bit(c, k, gray, quantize, size):
+def test_fused_filter_equals_torch_passes_bit_for_bit_in_either_layout(c, k, gray, quantize, size):
     x, f = _images(c, *size, seed=k), _filters(k, seed=c)
     ref, got = _both(x, f, gray, quantize)
     assert got.dtype == torch.uint8 and got.shape == x.shape
@@ -134,7 +139,12 @@ def test_non_contiguous_inputs_give_the_same_bytes_and_keep_their_layout():
     channels_last = x.contiguous(memory_format=torch.channels_last)
     out = conv.filter_images(channels_last, f)
     assert torch.equal(out, ref)
-    assert out.stride() == conv._filter_passes(channels_last, f, False, "truncate").stride()
+    assert out.stride() == channels_last.stride() == conv._filter_passes(channels_last, f, False, "truncate").stride()
+    hwc_views = torch.stack([im.permute(1, 2, 0) for im in x]).permute(0, 3, 1, 2)  # as decoded images lie
+    assert torch.equal(conv.filter_images(hwc_views, f), ref)
+    rgba_colour = torch.cat([x, x[:, :1]], 1).contiguous(memory_format=torch.channels_last)[:, :3]
+    assert not rgba_colour.is_contiguous(memory_format=torch.channels_last)  # stride 4: made contiguous
+    assert torch.equal(conv.filter_images(rgba_colour, f), ref)
     wide = _images(3, 17, 40)
     sliced = wide[:, :, :, 3:34]
     assert not sliced.is_contiguous()

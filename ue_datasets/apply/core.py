@@ -46,6 +46,9 @@ class Method:
         uses: conditions the kernel uses when they are given.
         label_range: name of the parameter that bounds labels (``num_classes``), if any.
         covers: ``covers(protection, x, keys) -> bool (B,)``, which samples it can protect; ``None``: all.
+        channels_last: the kernel takes a channels-last batch as it lies, and gives its output in the same
+            layout and the same bytes: images decoded from files (``(H, W, C)`` arrays) need no
+            transposing copy into the core nor out of it. Other kernels get contiguous batches.
     """
 
     kernel: Kernel
@@ -53,6 +56,7 @@ class Method:
     uses: frozenset[str] = frozenset()
     label_range: str | None = None
     covers: Callable[..., torch.Tensor] | None = None
+    channels_last: bool = False
 
 
 def _identity(protection: Protection, x: torch.Tensor, **_: object) -> torch.Tensor:
@@ -60,9 +64,10 @@ def _identity(protection: Protection, x: torch.Tensor, **_: object) -> torch.Ten
 
 
 METHODS: dict[str, Method] = {
-    "convolution": Method(apply_convolution, needs=frozenset({"labels"}), label_range="num_classes"),
+    "convolution": Method(apply_convolution, needs=frozenset({"labels"}), label_range="num_classes",
+                          channels_last=True),
     # Decodes and re-encodes without changing a pixel: the floor of benchmarks and audit baselines.
-    "identity": Method(_identity),
+    "identity": Method(_identity, channels_last=True),
 }
 
 
@@ -237,6 +242,14 @@ def _protect_uint8(
     return torch.cat([out, x[:, out.shape[1] :]], dim=1) if c in (2, 4) else out
 
 
+def _stack(images: list[torch.Tensor], channels_last: bool) -> torch.Tensor:
+    """``(B, C, H, W)`` of same-shape ``(C, H, W)`` images; channels-last when asked for and they all lie
+    so (the ``(H, W, C)`` arrays of decoded images): a plain copy, not a transposing one."""
+    if channels_last and all(im.permute(1, 2, 0).is_contiguous() for im in images):
+        return torch.stack([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2)
+    return torch.stack(images)
+
+
 def protect_batch(
     protection: Protection,
     images: torch.Tensor | Sequence[torch.Tensor],
@@ -274,10 +287,14 @@ def protect_batch(
         dev = home if device is None else resolve_device(device)
         prot = protection.to(dev)
         lab = None if labels is None else torch.as_tensor(labels).to(dev)
-        # Contiguous NCHW: a permuted view (as from PIL arrays) makes every pass several times slower.
         if unfitted not in UNFITTED:
             raise UEDatasetsError(f"unfitted must be one of {UNFITTED}, got {unfitted!r}")
-        out = _protect_uint8(prot, _to_uint8(images.to(dev)).contiguous(), lab, keys, unfitted, texts)
+        x = _to_uint8(images.to(dev))
+        # Contiguous NCHW, or channels-last where the kernel reads it as it lies: any other strides (a
+        # permuted view, as from PIL arrays) make every pass several times slower.
+        if not (method_of(prot).channels_last and x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        out = _protect_uint8(prot, x, lab, keys, unfitted, texts)
         return (out if dtype == torch.uint8 else out.to(dtype).div_(255)).to(home)
     images = list(images)
     if not images:
@@ -292,11 +309,11 @@ def protect_batch(
             raise UEDatasetsError(f"image {i} must be (C, H, W), got shape {tuple(im.shape)}")
         groups.setdefault((tuple(im.shape), im.dtype, im.device), []).append(i)
     result: list[torch.Tensor | None] = [None] * len(images)
+    channels_last = method_of(protection).channels_last
     for idx in groups.values():
-        stack = torch.stack([images[i] for i in idx])
         out = protect_batch(
             protection,
-            stack,
+            _stack([images[i] for i in idx], channels_last),
             None if labels is None else labels[idx],
             None if keys is None else [keys[i] for i in idx],
             device,

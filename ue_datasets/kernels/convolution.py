@@ -129,7 +129,7 @@ def filter_images(x: torch.Tensor, filters: torch.Tensor, grayscale: bool = Fals
     """
     if _use_fused(x, filters, grayscale):
         out = _fused().filter_images(x, filters, grayscale, quantize == "round")
-        return out if x.is_contiguous() else torch.empty_like(x).copy_(out)  # channels-last stays so
+        return out if out.stride() == x.stride() else torch.empty_like(x).copy_(out)  # other layouts stay so
     return _filter_passes(x, filters, grayscale, quantize)
 
 
