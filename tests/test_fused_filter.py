@@ -217,6 +217,30 @@ def test_fused_0_keeps_the_torch_passes_with_the_same_bytes(monkeypatch):
     monkeypatch.setattr(ff, "_fused_filter", _no_kernel)
     assert not conv._use_fused(x, f, True)
     assert torch.equal(conv.filter_images(x, f, True, "round"), fused)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    out = conv.filter_images(channels_last, f, True, "round")
+    assert torch.equal(out, fused) and out.stride() == channels_last.stride()
+
+
+@pytest.mark.parametrize("grayscale", [False, True], ids=["rgb", "gray"])
+def test_decoded_images_are_protected_as_they_lie_with_the_bytes_of_a_contiguous_batch(grayscale, monkeypatch):
+    """`protect_batch` stacks decoded images (``(C, H, W)`` views of ``(H, W, C)`` arrays) channels-last for
+    CUDA, and the kernel writes its output so: the encoder gets ``(H, W, C)`` memory without a copy."""
+    from ue_datasets import fit_convolution, protect_batch
+    from ue_datasets.apply.images import pil_to_tensor, tensor_to_pil
+
+    protection = fit_convolution(4, key=3, grayscale=grayscale)
+    x = _images(3, 19, 23)
+    decoded = [pil_to_tensor(tensor_to_pil(im)) for im in x]
+    assert not decoded[0].is_contiguous() and decoded[0].permute(1, 2, 0).is_contiguous()
+    labels = torch.arange(7) % 4
+    expected = protect_batch(protection, x, labels)
+    out = protect_batch(protection, decoded, labels)
+    assert all(torch.equal(a, b) for a, b in zip(out, expected))
+    assert all(o.permute(1, 2, 0).is_contiguous() for o in out)
+    monkeypatch.setenv(conv.FUSED_ENV, "0")  # the torch passes: the same bytes and layout
+    again = protect_batch(protection, decoded, labels)
+    assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(again, out))
 
 
 def test_without_numba_the_torch_passes_run_and_one_warning_says_so(monkeypatch, caplog):

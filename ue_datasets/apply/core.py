@@ -277,8 +277,10 @@ def protect_batch(
             `needs_texts`): the sample's caption or its class-name prompt (`ue_datasets.apply.texts`).
 
     Returns:
-        Protected images of the same type, dtype, shapes and device as ``images``. Deterministic:
-        the bytes of an image depend only on it, its conditions and the protection.
+        Protected images of the same type, dtype, shapes and device as ``images`` (where the kernel reads
+        channels-last batches as they lie, a list's images come back in the layout they came in: views
+        of ``(H, W, C)`` memory for decoded images). Deterministic: the bytes of an image depend only on
+        it, its conditions and the protection.
     """
     if isinstance(images, torch.Tensor):
         if images.ndim != 4:

@@ -129,8 +129,11 @@ def filter_images(x: torch.Tensor, filters: torch.Tensor, grayscale: bool = Fals
     """
     if _use_fused(x, filters, grayscale):
         out = _fused().filter_images(x, filters, grayscale, quantize == "round")
-        return out if out.stride() == x.stride() else torch.empty_like(x).copy_(out)  # other layouts stay so
-    return _filter_passes(x, filters, grayscale, quantize)
+    else:  # on a contiguous batch, as always: the order of the channel mean's sum is pinned for that layout
+        out = _filter_passes(x.contiguous(), filters, grayscale, quantize)
+    if out.stride() == x.stride() or (x.is_contiguous() and out.is_contiguous()):  # (strides of size-1 dims vary)
+        return out
+    return torch.empty_like(x).copy_(out)  # other layouts stay so
 
 
 def _filter_passes(x: torch.Tensor, filters: torch.Tensor, grayscale: bool, quantize: str) -> torch.Tensor:

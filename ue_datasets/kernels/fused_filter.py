@@ -20,9 +20,10 @@ output pixel, one image at a time, so an image and its float32 buffer stay in ca
   normal number (``clamp_min``);
 - ``z / peak`` (an IEEE division), ``* 255``, ``+ 0.5`` with ``round_half_up``: each rounded to float32;
 - the cast to uint8 as torch does it on x86: truncation to int32 (NaN and out-of-range values give
-  ``INT32_MIN``), then the low byte. Only negative, infinite or NaN weights ever leave ``[0, 255.5]``:
-  for finite nonnegative weights with a bounded sum (`_plain`; CUDA's filters are such) the kernel
-  skips the range check, which costs about a tenth of its time otherwise.
+  ``INT32_MIN``), then the low byte. Only negative, infinite or NaN weights, and finite ones so large that
+  products or sums overflow, ever leave ``[0, 255.5]``: for finite nonnegative weights with a bounded sum
+  (`_plain`; CUDA's filters are such) the kernel skips the range check, which costs about a tenth of its
+  time otherwise.
 
 Hence the bytes are those of the torch passes, bit for bit, for every input. The kernel releases the
 GIL: `filter_images` here splits a batch into blocks of whole images, a few per thread, which the
