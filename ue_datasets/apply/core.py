@@ -187,9 +187,13 @@ def _protect_uint8(
     protection: Protection, x: torch.Tensor, labels: torch.Tensor | None, keys: Sequence[str] | None, unfitted: str,
     texts: Sequence[str] | None = None,
 ) -> torch.Tensor:
-    """Core on one stack of same-size uint8 images ``(B, C, H, W)``, C in 1..4, with one text per image
-    where the method takes texts."""
+    """Core on one stack of same-size uint8 images ``(B, C, H, W)``, C in 1..4, any strides, with one text
+    per image where the method takes texts."""
     method = method_of(protection)
+    # Contiguous NCHW, or channels-last where the kernel reads it as it lies: any other strides (a
+    # permuted view, as from PIL arrays) make every pass several times slower.
+    if not (method.channels_last and x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
     c = x.shape[1]
     if c not in (1, 2, 3, 4):
         raise UEDatasetsError(f"images must have 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) channels, got {c}")
@@ -291,12 +295,7 @@ def protect_batch(
         lab = None if labels is None else torch.as_tensor(labels).to(dev)
         if unfitted not in UNFITTED:
             raise UEDatasetsError(f"unfitted must be one of {UNFITTED}, got {unfitted!r}")
-        x = _to_uint8(images.to(dev))
-        # Contiguous NCHW, or channels-last where the kernel reads it as it lies: any other strides (a
-        # permuted view, as from PIL arrays) make every pass several times slower.
-        if not (method_of(prot).channels_last and x.is_contiguous(memory_format=torch.channels_last)):
-            x = x.contiguous()
-        out = _protect_uint8(prot, x, lab, keys, unfitted, texts)
+        out = _protect_uint8(prot, _to_uint8(images.to(dev)), lab, keys, unfitted, texts)
         return (out if dtype == torch.uint8 else out.to(dtype).div_(255)).to(home)
     images = list(images)
     if not images:
